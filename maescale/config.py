@@ -1,0 +1,519 @@
+"""Typed configuration: dataclasses, YAML files with ``base:`` inheritance, dotted overrides.
+
+One :class:`Config` object flows through the whole program; each module takes the section it
+needs. Loading validates everything up front (unknown keys, wrong types, impossible values) and
+raises :class:`ConfigError` naming the key, the value and what is allowed, so that a typo fails
+on the login node rather than hours later in the queue.
+
+Example::
+
+    cfg = load_config("configs/vit_huge.yaml", ["train.max_steps=100", "deepspeed.zero_stage=2"])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key (dotted path) when there is one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        self.key = key
+        super().__init__(f"config key '{key}': {message}" if key else message)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The MAE model: a preset name plus the few knobs that do not change its architecture."""
+
+    name: str = "mae_vit_base_patch16"
+    img_size: int = 224
+    in_chans: int = 3
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    # sdpa: F.scaled_dot_product_attention, any backend (FlashAttention on GPU when it can);
+    # flash: SDPA forced onto the FlashAttention backend, error if it cannot run;
+    # flash_attn: the `flash_attn` package; math: explicit softmax(QK^T)V reference.
+    attn_impl: Literal["sdpa", "math", "flash", "flash_attn"] = "sdpa"
+    act_ckpt_every: int = 0  # checkpoint every k-th block (1 = all blocks); 0 = off
+    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    init_from: str | None = None  # a public MAE ``{"model": ...}`` checkpoint to start from
+
+
+@dataclass
+class DataConfig:
+    """The WebDataset input pipeline."""
+
+    train_shards: Union[str, list[str]] = ""
+    # Samples per epoch (whole job). None: read from the shard writer's sizes file.
+    num_samples: int | None = None
+    sizes_file: str | None = None  # default: sizes.json beside the shards
+    resampled: bool = False  # infinite stream, shards drawn with replacement
+    shuffle_buffer: int = 5000
+    num_workers: int = 8
+    prefetch_factor: int = 4
+    pin_memory: bool = True
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    hflip_prob: float = 0.5
+    fast_decode: bool = True  # draw the crop from the JPEG header, decode reduced (draft)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_bad_fraction: float = 0.01  # stop the run if more samples than this fail to decode
+    shard_retries: int = 2  # attempts to reopen a shard that fails before skipping it
+    max_image_pixels: int = 178_956_970  # PIL decompression-bomb limit (PIL's own default x2)
+    gpu_decode: bool = False  # ship JPEG bytes, decode + crop on the GPU (nvjpeg)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the per-step learning-rate schedule (MAE recipe by default)."""
+
+    blr: float = 1.5e-4  # base lr; lr = blr * effective_batch / 256
+    lr: float | None = None  # absolute lr; overrides blr scaling when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (MAE recipe)
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch sizes, precision and logging cadence."""
+
+    micro_batch_size: int = 64  # per GPU (per process)
+    grad_accum_steps: int = 1
+    max_steps: int | None = None  # optimizer steps; exactly one of max_steps / epochs
+    epochs: float | None = None
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 20
+    image_every: int = 1000  # reconstruction grid to TensorBoard every N steps; 0 = off
+    max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite steps
+    peak_tflops: float | None = None  # per-device peak for MFU; None = table by GPU name
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written."""
+
+    every_steps: int = 1000  # 0 = off
+    every_minutes: float = 0.0  # 0 = off
+    keep_last: int = 3
+    on_signal: bool = True  # save on SIGTERM / SIGUSR1 (SLURM preemption / time limit)
+    on_write_error: Literal["retry", "stop"] = "retry"
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine. ``extra`` is merged (recursively) over the generated JSON."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    timeout_minutes: float = 30.0  # collective timeout; a dead rank fails the job within it
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SlurmConfig:
+    """Defaults for ``tools/submit.py``; its flags override them."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 16
+    mem: str | None = None  # e.g. "0" (all) or "480G"
+    time: str = "72:00:00"  # minutes or [D-]HH:MM:SS
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    comment: str | None = None
+    job_name: str = "maescale"
+    signal_delay_s: int = 180
+    max_requeues: int = 50
+    setup: list[str] = field(default_factory=list)  # shell lines run before srun
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    output_dir: str = "runs/default"
+    # true: resume from output_dir/checkpoints/latest if present; false: refuse to start on a
+    # run directory with checkpoints; a path: resume from that checkpoint directory.
+    resume: Union[bool, str] = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML; loading it back gives an equal Config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (atomically: temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (following ``base:`` chains), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = load_yaml_with_bases(path) if path is not None else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a nested mapping."""
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def load_yaml_with_bases(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file and merge it over its ``base:`` file(s), resolved relative to it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise ConfigError(f"'base:' inheritance loops: {chain}", key="base")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"in '{path}': expected a file name or list of file names, got {bases!r}", key="base")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+        merged = deep_merge(merged, load_yaml_with_bases(base_path, (*_seen, resolved)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; values of ``over`` win, nested mappings merge key by key."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.max_steps=100"`` -> ``("train.max_steps", 100)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part.isidentifier() for part in key.split(".")):
+        raise ConfigError(f"override '{item}': '{key}' is not a dotted key such as train.max_steps")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: take it as a plain string, type checking decides
+    return key, value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for key ``"a.b.c"``, creating sections as needed."""
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[: i + 1])}' is not a section", key=key)
+        node = nxt
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------
+# Typed construction
+# --------------------------------------------------------------------------------------------
+
+_HINTS_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS_CACHE:
+        _HINTS_CACHE[cls] = typing.get_type_hints(cls)
+    return _HINTS_CACHE[cls]
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected a section (mapping), got {raw!r}", key=prefix or None)
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        allowed = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown key; allowed keys here are: {allowed}", key=key)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return f"a list of {len(args)} " + "/".join(sorted({_type_name(a) for a in args}))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow only lossless conversions."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"got {value!r} ({type(value).__name__}); expected {_type_name(tp)}", key=key)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if value == choice and type(value) is type(choice):
+                return value
+        raise bad
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        # bool before str so that `resume: true` is a bool, not a path
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"got {value!r}; expected a finite number", key=key)
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        return copy.deepcopy(dict(value))
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of values (types are already right here)
+# --------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"got {value!r}; allowed: {allowed}", key=key)
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; raises ConfigError naming the key."""
+    from maescale.models.presets import PRESETS  # local import: config must not pull in torch
+
+    m, d, o, t, c, s = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint, cfg.slurm
+    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "a non-empty directory path")
+    _check(cfg.resume is not None and cfg.resume != "", "resume", cfg.resume, "true, false or a checkpoint path")
+
+    _check(m.name in PRESETS, "model.name", m.name, ", ".join(PRESETS))
+    patch = PRESETS[m.name].patch_size if m.name in PRESETS else 1
+    _check(m.img_size > 0 and m.img_size % patch == 0, "model.img_size", m.img_size,
+           f"a positive multiple of the patch size {patch} of {m.name}")
+    _check(m.in_chans >= 1, "model.in_chans", m.in_chans, "an integer >= 1")
+    _check(0.0 < m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "a number in the open interval (0, 1)")
+    if m.name in PRESETS:
+        num_patches = (m.img_size // patch) ** 2
+        _check(int(num_patches * (1 - m.mask_ratio)) >= 1, "model.mask_ratio", m.mask_ratio,
+               f"a ratio that keeps at least one of the {num_patches} patches visible")
+    _check(m.act_ckpt_every >= 0, "model.act_ckpt_every", m.act_ckpt_every, "0 (off) or k >= 1 (every k-th block)")
+
+    _check(d.num_samples is None or d.num_samples > 0, "data.num_samples", d.num_samples, "null or a positive integer")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "an integer >= 1")
+    lo, hi = d.crop_scale
+    _check(0.0 < lo <= hi <= 1.0, "data.crop_scale", list(d.crop_scale), "[lo, hi] with 0 < lo <= hi <= 1")
+    lo, hi = d.crop_ratio
+    _check(0.0 < lo <= hi, "data.crop_ratio", list(d.crop_ratio), "[lo, hi] with 0 < lo <= hi")
+    _check(0.0 <= d.hflip_prob <= 1.0, "data.hflip_prob", d.hflip_prob, "a probability in [0, 1]")
+    _check(all(x > 0 for x in d.std), "data.std", list(d.std), "three positive numbers")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", d.max_bad_fraction, "a fraction in [0, 1]")
+    _check(d.shard_retries >= 0, "data.shard_retries", d.shard_retries, "an integer >= 0")
+    _check(d.max_image_pixels > 0, "data.max_image_pixels", d.max_image_pixels, "a positive integer")
+    if isinstance(d.train_shards, list):
+        _check(all(bool(x) for x in d.train_shards), "data.train_shards", d.train_shards, "non-empty shard patterns")
+
+    _check(o.blr > 0, "optim.blr", o.blr, "a positive number")
+    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "null or a positive number")
+    _check(o.min_lr >= 0, "optim.min_lr", o.min_lr, "a number >= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", list(o.betas), "two numbers in [0, 1)")
+    _check(o.eps > 0, "optim.eps", o.eps, "a positive number")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "a number >= 0")
+    _check(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "null or an integer >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "0 (off) or a positive max norm")
+
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "an integer >= 1")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "an integer >= 1")
+    if (t.max_steps is None) == (t.epochs is None):
+        raise ConfigError(
+            f"set exactly one of train.max_steps and train.epochs (got max_steps={t.max_steps!r}, "
+            f"epochs={t.epochs!r}); set the other to null", key="train.max_steps")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1")
+    _check(t.epochs is None or t.epochs > 0, "train.epochs", t.epochs, "a positive number")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
+    _check(t.image_every >= 0, "train.image_every", t.image_every, "0 (off) or an integer >= 1")
+    _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1")
+    _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", t.peak_tflops, "null or a positive number")
+
+    _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "0 (off) or an integer >= 1")
+    _check(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "0 (off) or a positive number")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "an integer >= 1")
+    _check(cfg.deepspeed.timeout_minutes > 0, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, "a positive number")
+
+    _check(s.nodes >= 1, "slurm.nodes", s.nodes, "an integer >= 1")
+    _check(s.gpus_per_node >= 0, "slurm.gpus_per_node", s.gpus_per_node, "an integer >= 0")
+    _check(s.cpus_per_task >= 1, "slurm.cpus_per_task", s.cpus_per_task, "an integer >= 1")
+    _check(s.signal_delay_s >= 0, "slurm.signal_delay_s", s.signal_delay_s, "an integer >= 0 (seconds)")
+    _check(s.max_requeues >= 0, "slurm.max_requeues", s.max_requeues, "an integer >= 0")
+    try:
+        parse_slurm_time(s.time)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="slurm.time") from None
+
+
+def parse_slurm_time(value: str | int) -> int:
+    """SLURM time limit in minutes from ``"90"``, ``"HH:MM:SS"``, ``"MM:SS"`` or ``"D-HH:MM:SS"``."""
+    text = str(value).strip()
+    err = ValueError(f"time limit {value!r} is not minutes or [D-]HH:MM:SS (e.g. 90, 04:00:00, 2-00:00:00)")
+    days = 0
+    if "-" in text:
+        d, _, text = text.partition("-")
+        if not d.isdigit():
+            raise err
+        days = int(d)
+    parts = text.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        raise err
+    nums = [int(p) for p in parts]
+    if len(nums) == 1:
+        minutes = nums[0] if days == 0 else nums[0] * 60  # "D-HH" means hours
+        total = days * 24 * 60 + minutes
+    elif len(nums) == 2:
+        if days:  # D-HH:MM
+            total = days * 1440 + nums[0] * 60 + nums[1]
+        else:  # MM:SS
+            total = nums[0] + math.ceil(nums[1] / 60)
+    else:
+        total = days * 1440 + nums[0] * 60 + nums[1] + math.ceil(nums[2] / 60)
+    if total <= 0:
+        raise err
+    return total
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,47 @@
+"""MAE model family: :class:`MaskedAutoencoderViT` and named presets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from maescale.models.mae import DECODER_KEYS, MaskedAutoencoderViT
+from maescale.models.presets import PRESETS, MAEArch
+
+__all__ = ["MaskedAutoencoderViT", "PRESETS", "MAEArch", "DECODER_KEYS", "create_model", "build_model", "timm_encoder_kwargs"]
+
+
+def create_model(name: str, **kwargs: Any) -> MaskedAutoencoderViT:
+    """Build a preset by name; ``kwargs`` (img_size, in_chans, mask_ratio, ...) pass through."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset '{name}'; known: {', '.join(PRESETS)}")
+    return MaskedAutoencoderViT(**PRESETS[name].as_kwargs(), **kwargs)
+
+
+def build_model(model_cfg: Any, device: Any = None) -> MaskedAutoencoderViT:
+    """Build the model that a :class:`maescale.config.ModelConfig` describes."""
+    return create_model(
+        model_cfg.name,
+        img_size=model_cfg.img_size,
+        in_chans=model_cfg.in_chans,
+        mask_ratio=model_cfg.mask_ratio,
+        norm_pix_loss=model_cfg.norm_pix_loss,
+        attn_impl=model_cfg.attn_impl,
+        act_ckpt_every=model_cfg.act_ckpt_every,
+        device=device,
+    )
+
+
+def timm_encoder_kwargs(name: str, img_size: int, in_chans: int = 3) -> tuple[str, dict[str, Any]]:
+    """The timm model name and keyword arguments whose ``VisionTransformer`` has exactly the
+    encoder of preset ``name`` (pass both to ``timm.create_model`` with ``num_classes=0``).
+
+    Presets without a registered timm twin use ``vit_base_patch16_224`` with every architecture
+    argument overridden, which timm's ViT constructors accept.
+    """
+    arch = PRESETS[name]
+    base = arch.timm_name or "vit_base_patch16_224"
+    kwargs: dict[str, Any] = {"img_size": img_size, "in_chans": in_chans}
+    if arch.timm_name is None:
+        kwargs.update(patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depth,
+                      num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio)
+    return base, kwargs
