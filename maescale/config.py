@@ -300,7 +300,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"expected a section (mapping), got {raw!r}", key=prefix or None)
+        raise ConfigError(f"expected a section (mapping), got {raw!r}", key=prefix.rstrip(".") or None)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in fields]
@@ -343,6 +343,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     bad = ConfigError(f"got {value!r} ({type(value).__name__}); expected {_type_name(tp)}", key=key)
     if tp is Any:
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"got {value!r}; expected a finite number", key=key)
     if origin is Literal:
         choices = typing.get_args(tp)
         for choice in choices:
@@ -371,6 +373,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise bad
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "1e-4" (no dot) as a string; users mean a number.
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
                 raise ConfigError(f"got {value!r}; expected a finite number", key=key)

@@ -1,0 +1,30 @@
+# maescale: `make demo` sets up and trains the demo; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-fast clean
+
+# The venv is (re)built when pyproject.toml changes. torch/torchvision are pinned as a pair
+# in pyproject.toml; pip would otherwise pick a local CPU-only torch that breaks torchvision.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/make_demo_data.py --output demo_data
+	$(PY) tools/train.py configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs demo_data .pytest_cache
