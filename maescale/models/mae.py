@@ -284,7 +284,8 @@ class MaskedAutoencoderViT(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed patches, drop the masked ones, run the encoder on visible patches + cls."""
-        x = self.patch_embed(imgs)
+        # Images may stay float32 (the loss target keeps full precision) while weights are bf16.
+        x = self.patch_embed(imgs.to(self.patch_embed.proj.weight.dtype))
         x = x + self.pos_embed[:, 1:, :].to(x.dtype)
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype).expand(x.shape[0], -1, -1)

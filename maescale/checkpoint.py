@@ -1,0 +1,383 @@
+"""Checkpoints: save atomically, validate on load, keep the last K, resume from ``latest``.
+
+Layout of a run directory::
+
+    output_dir/checkpoints/
+        latest                      text file: the tag of the newest complete checkpoint
+        step_00001000/              one checkpoint (DeepSpeed files + maescale's own)
+            mp_rank_00_model_states.pt, *zero_pp_rank_*_optim_states.pt   (DeepSpeed, ZeRO-sharded)
+            trainer_state.json      step, epoch, world size, schedule facts (rank 0)
+            rank_00000.json ...     per rank: RNG states (python, numpy, torch, cuda), data position
+            config.yaml             the resolved config of the run
+            MANIFEST.json           every file with its size and CRC32, written last
+        step_00001000.partial/      a checkpoint being written (never read)
+
+Protocol: every rank writes into ``<tag>.partial``; after a barrier rank 0 checks every file,
+writes the manifest, renames the directory to ``<tag>`` (atomic on POSIX) and only then
+replaces ``latest`` (temp file + ``os.replace``). A crash at any point leaves ``latest`` on the
+previous complete checkpoint. Trainer state is JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maescale.distributed import agree_max, barrier
+
+log = logging.getLogger(__name__)
+
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state as JSON
+# --------------------------------------------------------------------------------------------
+
+
+def _tensor_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _b64_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, JSON-serialisable."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _tensor_b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _tensor_b64(torch.cuda.get_rng_state())
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_b64_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_b64_tensor(state["cuda"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON through a temp file and ``os.replace``, fsynced, so readers never see half."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoint dirs (``step_N``), newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = TAG_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def read_latest(root: Path) -> Path | None:
+    """The directory ``latest`` points at (None if there is no ``latest``)."""
+    latest = root / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return root / tag
+
+
+def validate_checkpoint(path: Path, check_crc: bool = True, shard: tuple[int, int] = (0, 1)) -> None:
+    """Raise :class:`CheckpointError` naming the problem if ``path`` is not a complete checkpoint.
+
+    Sizes of all files are always checked; CRC32s of every ``shard[1]``-th file starting at
+    ``shard[0]`` (so ranks split the reading of a large checkpoint).
+    """
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (incomplete write?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({exc})") from None
+    for i, (name, meta) in enumerate(sorted(files.items())):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: file {name} is missing")
+        size = f.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"checkpoint {path}: file {name} is {size} bytes, manifest says {meta['size']} (truncated?)")
+        if check_crc and i % shard[1] == shard[0] and file_crc32(f) != meta["crc32"]:
+            raise CheckpointError(f"checkpoint {path}: file {name} fails its CRC32 check (corrupt)")
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedState:
+    """What a resumed run gets back besides the engine's weights and optimizer state."""
+
+    path: Path
+    step: int
+    trainer: dict[str, Any]  # trainer_state.json
+    rank_state: dict[str, Any]  # this rank's rank_XXXXX.json (None entries when world changed)
+
+
+class CheckpointManager:
+    """Saves and restores checkpoints of one run directory for one process of the job."""
+
+    def __init__(self, output_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int,
+                 control_group: object = None, config_yaml: str | None = None):
+        self.root = checkpoint_root(output_dir)
+        self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.group = control_group
+        self.config_yaml = config_yaml
+
+    # ---------------------------------------------------------------- save
+    def save(self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` (all ranks call this). Returns its final path.
+
+        Raises ``OSError``/:class:`CheckpointError` on every rank if any rank failed to write;
+        ``latest`` then still names the previous checkpoint.
+        """
+        tag = tag_for_step(step)
+        final = self.root / tag
+        partial = self.root / (tag + ".partial")
+        t0 = time.monotonic()
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+        barrier(self.group)
+        error: BaseException | None = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False)
+            write_json_atomic(partial / f"rank_{self.rank:05d}.json", rank_state)
+            if self.rank == 0:
+                write_json_atomic(partial / TRAINER_STATE, {**trainer_state, "format": FORMAT_VERSION,
+                                                            "step": step, "world_size": self.world_size})
+                if self.config_yaml is not None:
+                    write_text_atomic(partial / "config.yaml", self.config_yaml)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
+            error = exc
+        failed = agree_max([1 if error else 0], self.group)[0]
+        if failed:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"another rank failed while writing checkpoint {tag}; 'latest' is unchanged")
+        if self.rank == 0:
+            try:
+                self._commit(partial, final)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        failed = agree_max([1 if error else 0], self.group)[0]
+        if failed:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"rank 0 failed to commit checkpoint {tag}; 'latest' is unchanged")
+        if self.rank == 0:
+            self._prune()
+            log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, _dir_bytes(final) / 1e6)
+        return final
+
+    def _commit(self, partial: Path, final: Path) -> None:
+        files = {}
+        for f in sorted(partial.rglob("*")):
+            if f.is_file():
+                rel = str(f.relative_to(partial))
+                files[rel] = {"size": f.stat().st_size, "crc32": file_crc32(f)}
+        expected = {f"rank_{r:05d}.json" for r in range(self.world_size)} | {TRAINER_STATE}
+        missing = expected - set(files)
+        if missing:
+            raise CheckpointError(f"checkpoint {partial} lacks {sorted(missing)} after every rank reported success")
+        write_json_atomic(partial / MANIFEST, {"format": FORMAT_VERSION, "files": files})
+        _fsync_dir(partial)
+        if final.exists():  # an older save of the same step that lost its 'latest' race
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(self.root)
+        write_text_atomic(self.root / "latest", final.name)
+
+    def _prune(self) -> None:
+        latest = read_latest(self.root)
+        for _, path in list_checkpoints(self.root)[self.keep_last:]:
+            if latest is not None and path.resolve() == latest.resolve():
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+    def clean_partials(self) -> int:
+        """Remove leftovers of interrupted saves (rank 0); returns the bytes freed."""
+        freed = 0
+        if self.rank == 0 and self.root.is_dir():
+            for p in self.root.glob("*.partial"):
+                freed += _dir_bytes(p)
+                shutil.rmtree(p, ignore_errors=True)
+                log.warning("removed incomplete checkpoint %s (an interrupted save)", p)
+        barrier(self.group)
+        return freed
+
+    # ---------------------------------------------------------------- load
+    def candidates(self, explicit: str | None = None) -> list[Path]:
+        """Checkpoints to try, best first: ``explicit`` if given, else ``latest`` then older ones."""
+        if explicit is not None:
+            path = Path(explicit)
+            if path.is_file() and path.name == "latest":
+                path = path.parent / path.read_text().strip()
+            if not path.is_dir():
+                raise CheckpointError(f"resume={explicit!r}: no checkpoint directory there")
+            return [path]
+        found = [p for _, p in list_checkpoints(self.root)]
+        latest = read_latest(self.root)
+        if latest is not None and latest in found:
+            found.remove(latest)
+            found.insert(0, latest)
+        elif latest is not None:
+            log.warning("'latest' names %s, which does not exist; trying older checkpoints", latest)
+        return found
+
+    def find_valid(self, explicit: str | None = None) -> Path | None:
+        """The first candidate that passes validation on every rank (a bad one is reported)."""
+        for path in self.candidates(explicit):
+            problem = None
+            try:
+                validate_checkpoint(path, shard=(self.rank, self.world_size))
+            except CheckpointError as exc:
+                problem = str(exc)
+            bad = agree_max([1 if problem else 0], self.group)[0]
+            if not bad:
+                return path
+            if problem:
+                log.warning("skipping checkpoint: %s", problem)
+            elif self.rank == 0:
+                log.warning("skipping checkpoint %s: another rank found it invalid", path)
+            if explicit is not None:
+                raise CheckpointError(f"resume={explicit!r} is not a valid checkpoint: {problem or 'see other ranks'}")
+        return None
+
+    def load(self, engine, path: Path) -> LoadedState:
+        """Restore engine weights + optimizer from ``path``; return the trainer/rank state."""
+        trainer = json.loads((path / TRAINER_STATE).read_text())
+        saved_world = trainer.get("world_size")
+        if saved_world != self.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {saved_world} processes, this job has {self.world_size}. "
+                "Resume with the same number of processes, or convert it (see README: 'Resume on a different size').")
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {path}")
+        rank_file = path / f"rank_{self.rank:05d}.json"
+        rank_state = json.loads(rank_file.read_text())
+        return LoadedState(path=path, step=int(trainer["step"]), trainer=trainer, rank_state=rank_state)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def load_pretrained_into(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Initialise ``model`` from a public MAE checkpoint (``{"model": state_dict}``, MAE names).
+
+    Full checkpoints load strictly; encoder-only ones (no decoder/mask token) fill the encoder and
+    leave the decoder at its initialisation. Returns the missing/unexpected key lists.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model.init_from={str(path)!r}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"model.init_from={str(path)!r} is not a readable torch checkpoint: {exc}") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.init_from={str(path)!r}: expected {{'model': state_dict}}")
+    own = model.state_dict()
+    shape_errors = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                    for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shape_errors:
+        raise CheckpointError(f"model.init_from={str(path)!r} does not fit model.name's architecture: "
+                              + "; ".join(shape_errors[:5]))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(("decoder_", "mask_token"))]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"model.init_from={str(path)!r}: missing encoder keys {missing[:5]}, "
+                              f"unexpected keys {list(result.unexpected_keys)[:5]}")
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}

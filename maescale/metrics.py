@@ -1,0 +1,127 @@
+"""TensorBoard scalars and images, step timing, throughput and MFU; rank 0 writes.
+
+Also :func:`reconstruction_grid`, the picture people judge an MAE by: per sample a row of
+original | masked | reconstruction | reconstruction with the visible patches pasted back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class TensorBoardLogger:
+    """A ``SummaryWriter`` on rank 0 (other ranks get a no-op), under ``output_dir/tensorboard``."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.writer = None
+        self.log_dir = Path(output_dir) / "tensorboard"
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def scalars(self, step: int, values: Mapping[str, float | None]) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+
+    def image(self, step: int, tag: str, chw: torch.Tensor) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, chw.clamp(0, 1), step, dataformats="CHW")
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StepTimer:
+    """Accumulates data-wait and total step time between log points."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.steps = 0
+        self.images = 0
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    def add_step(self, images: int) -> None:
+        self.steps += 1
+        self.images += images
+
+    def summary(self, world_size: int, flops_per_image: float | None, peak_flops: float | None) -> dict[str, float | None]:
+        """Rates since the last reset; ``images`` counts this rank's images."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        per_gpu = self.images / elapsed
+        out: dict[str, float | None] = {
+            "perf/step_time_s": elapsed / max(self.steps, 1),
+            "perf/images_per_s": per_gpu * world_size,
+            "perf/images_per_s_per_gpu": per_gpu,
+            "perf/data_wait_fraction": self.data_wait / elapsed,
+            "perf/tflops_per_gpu": None,
+            "perf/mfu": None,
+        }
+        if flops_per_image:
+            achieved = flops_per_image * per_gpu
+            out["perf/tflops_per_gpu"] = achieved / 1e12
+            if peak_flops:
+                out["perf/mfu"] = achieved / peak_flops
+        return out
+
+
+def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_grid(model, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                        mean: Sequence[float], std: Sequence[float], max_rows: int = 8) -> torch.Tensor:
+    """A (3, rows*H, 4*W) image in [0, 1]: original | masked | reconstruction | visible+recon.
+
+    ``imgs`` are the normalised model inputs; ``pred`` the model's per-patch prediction (in
+    normalised-patch space when ``norm_pix_loss``; :meth:`reconstruct` undoes that with each
+    patch's own statistics, as the MAE paper's figures do).
+    """
+    n = min(max_rows, imgs.shape[0])
+    imgs, pred, mask = imgs[:n].float(), pred[:n].float(), mask[:n].float()
+    recon = model.reconstruct(imgs, pred)
+    p = model.patch_size
+    pix_mask = mask.repeat_interleave(p * p * imgs.shape[1], dim=1).view(n, -1, p * p * imgs.shape[1])
+    pix_mask = model.unpatchify(pix_mask)  # 1 where masked
+    masked = imgs * (1 - pix_mask)
+    pasted = imgs * (1 - pix_mask) + recon * pix_mask
+    cols = [_denormalize(t, mean, std) for t in (imgs, masked, recon, pasted)]
+    cols[1] = cols[1] * (1 - pix_mask) + 0.5 * pix_mask  # masked patches shown grey
+    rows = torch.cat(cols, dim=3)  # (n, 3, H, 4W)
+    return torch.cat(list(rows), dim=1).cpu()  # (3, nH, 4W)
+
+
+def save_png(chw: torch.Tensor, path: str | Path) -> Path:
+    """Write a CHW float image in [0, 1] as PNG."""
+    from PIL import Image
+
+    arr = (chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path

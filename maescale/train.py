@@ -1,0 +1,295 @@
+"""The training loop: ``main(cfg)`` reads top to bottom.
+
+1. join the job (rank, device, process group) and prepare the run directory;
+2. build the model, the data stream and the DeepSpeed engine;
+3. resume from the newest valid checkpoint if the run directory has one;
+4. loop: set lr, run ``grad_accum_steps`` micro-batches, step, log, checkpoint;
+5. on SIGTERM/SIGUSR1 (SLURM preemption or time limit) checkpoint and return "preempted".
+
+The same ``main`` runs under ``tools/train.py`` (one process), ``torchrun`` and SLURM
+(through ``maescale.launch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maescale import __version__
+from maescale.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_pretrained_into, restore_rng
+from maescale.config import Config
+from maescale.distributed import DistContext, agree_max, init_distributed
+from maescale.engine import build_engine, effective_batch, make_schedule, set_lr
+from maescale.metrics import StepTimer, TensorBoardLogger, reconstruction_grid, save_png
+from maescale.models import build_model
+
+log = logging.getLogger("maescale.train")
+
+
+@dataclass
+class TrainResult:
+    """How a call to :func:`main` ended."""
+
+    status: str  # "finished" or "preempted"
+    rank: int
+    step: int  # optimizer steps completed
+    total_steps: int
+    output_dir: Path
+    last_checkpoint: Path | None
+    resumed_from: int | None  # step of the checkpoint this call started from
+    last_loss: float | None
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGUSR1 into a flag the loop polls, so the loop can save and stop cleanly."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, enabled: bool):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        if enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def setup_logging(rank: int, output_dir: Path) -> None:
+    """Rank 0 logs INFO to stderr and ``output_dir/logs/train.log``; other ranks warnings only."""
+    root = logging.getLogger("maescale")
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for h in list(root.handlers):
+        if getattr(h, "_maescale", False):
+            root.removeHandler(h)
+            h.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(output_dir / "logs" / "train.log"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._maescale = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.propagate = False
+
+
+def plan_length(cfg: Config, batches_per_epoch: int | None) -> tuple[int, float | None]:
+    """(total optimizer steps, steps per epoch or None when the epoch length is unknown)."""
+    steps_per_epoch = batches_per_epoch / cfg.train.grad_accum_steps if batches_per_epoch else None
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps, steps_per_epoch
+    if not steps_per_epoch:
+        raise ValueError("train.epochs needs the epoch length: set data.num_samples or write a sizes file "
+                         "with tools/make_shards.py; or use train.max_steps")
+    return max(1, round(cfg.train.epochs * steps_per_epoch)), steps_per_epoch
+
+
+def main(cfg: Config) -> TrainResult:
+    """Train (or resume training) the run described by ``cfg``."""
+    from maescale.data import build_train_loader, normalize_batch
+    from maescale.flops import peak_flops, train_flops_per_image
+    from maescale.models.presets import PRESETS
+
+    # ---- 1. join the job, prepare the run directory
+    ctx: DistContext = init_distributed(cfg.train.device, cfg.deepspeed.timeout_minutes)
+    rank, world, device = ctx.env.rank, ctx.env.world_size, ctx.device
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    setup_logging(rank, out)
+    if rank == 0:
+        cfg.save(out / "config.yaml")
+        log.info("maescale %s: run directory %s", __version__, out.resolve())
+
+    ckpt = CheckpointManager(out, rank, world, cfg.checkpoint.keep_last, ctx.control_group, cfg.to_yaml())
+    ckpt.clean_partials()
+    resume_path = _pick_resume(cfg, ckpt)
+
+    # ---- 2. model, data, engine
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    if cfg.model.init_from and resume_path is None:
+        load_pretrained_into(model, cfg.model.init_from)
+        log.info("initialised from public MAE checkpoint %s", cfg.model.init_from)
+    if cfg.model.compile:
+        model.compile_blocks()
+    loader = build_train_loader(cfg.data, img_size=cfg.model.img_size, micro_batch_size=cfg.train.micro_batch_size,
+                                rank=rank, world_size=world, seed=cfg.train.seed)
+    total_steps, steps_per_epoch = plan_length(cfg, loader.batches_per_epoch)
+    schedule = make_schedule(cfg, world, total_steps, steps_per_epoch)
+    engine = build_engine(cfg, model, world, device)
+    model = engine.module
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    log.info("model %s (%.1fM parameters), %d process(es), effective batch %d, %d steps, peak lr %.3g, "
+             "warmup %d steps, ZeRO-%d, %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6,
+             world, effective_batch(cfg, world), total_steps, schedule.peak_lr, schedule.warmup_steps,
+             cfg.deepspeed.zero_stage, cfg.train.precision)
+
+    # ---- 3. resume
+    step, resumed_from = 0, None
+    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # masks differ per rank
+    if resume_path is not None:
+        state = ckpt.load(engine, resume_path)
+        step = resumed_from = state.step
+        restore_rng(state.rank_state["rng"])
+        loader.load_state_dict(state.rank_state["data"])
+        log.info("resumed from %s at step %d", resume_path, step)
+
+    # ---- 4. the loop
+    model_flops, hw_flops = train_flops_per_image(PRESETS[cfg.model.name], cfg.model.img_size,
+                                                  cfg.model.mask_ratio, cfg.model.act_ckpt_every)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.peak_tflops)
+    tb = TensorBoardLogger(out, enabled=rank == 0)
+    signals = StopSignals(cfg.checkpoint.on_signal)
+    timer = StepTimer()
+    bar = _progress_bar(cfg, rank, step, total_steps)
+    mean, std = cfg.data.mean, cfg.data.std
+    last_save_time = time.monotonic()
+    last_checkpoint: Path | None = resume_path
+    loss_sum = torch.zeros((), device=device)
+    loss_count, last_loss, status = 0, None, "finished"
+    data_iter = iter(loader)
+    batch_images = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+
+    while step < total_steps:
+        lr = schedule.lr_at(step)
+        set_lr(engine.optimizer, lr)
+        for _ in range(cfg.train.grad_accum_steps):
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            timer.add_data_wait(time.perf_counter() - t0)
+            imgs = normalize_batch(batch.to(device, non_blocking=True), mean, std, torch.float32)
+            loss, pred, mask = engine(imgs)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach()  # no host sync here; read at log time
+            loss_count += 1
+        step += 1
+        timer.add_step(batch_images)
+        if bar is not None:
+            bar.update(1)
+
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            last_loss = _log_step(cfg, tb, timer, step, total_steps, loss_sum, loss_count, lr, engine, loader,
+                                  world, model_flops, hw_flops, peak, device, bar)
+            loss_sum.zero_()
+            loss_count = 0
+            timer.reset()
+        if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
+            tb.image(step, "reconstruction", reconstruction_grid(model, imgs, pred, mask, mean, std))
+
+        # Ranks agree (on the CPU control group) on stopping and on time-based saves.
+        time_due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.checkpoint.every_minutes
+        stop, time_due = agree_max([int(signals.requested), int(time_due)], ctx.control_group)
+        step_due = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
+        if stop or time_due or step_due or step == total_steps:
+            saved = _save(ckpt, engine, loader, cfg, step, total_steps, epoch=loader.epoch)
+            if saved is not None:
+                last_checkpoint = saved
+                last_save_time = time.monotonic()
+        if stop:
+            status = "preempted"
+            log.warning("stop signal received: checkpoint at step %d written, exiting for requeue", step)
+            break
+
+    # ---- 5. wrap up
+    if bar is not None:
+        bar.close()
+    if rank == 0 and status == "finished":
+        grid = reconstruction_grid(model, imgs, pred, mask, mean, std)
+        png = save_png(grid, out / "reconstruction.png")
+        tb.image(step, "reconstruction", grid)
+        log.info("done: %d steps. checkpoint %s, TensorBoard events %s, reconstruction %s",
+                 step, last_checkpoint, tb.log_dir, png)
+    tb.close()
+    signals.restore()
+    return TrainResult(status, rank, step, total_steps, out, last_checkpoint, resumed_from, last_loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the loop
+# --------------------------------------------------------------------------------------------
+
+
+def _pick_resume(cfg: Config, ckpt: CheckpointManager) -> Path | None:
+    """Which checkpoint to resume from, per ``cfg.resume`` (True: newest valid; False; a path)."""
+    if cfg.resume is False:
+        if ckpt.candidates():
+            raise CheckpointError(f"resume=false but {ckpt.root} already holds checkpoints: pick a new output_dir, "
+                                  "or resume=true to continue that run")
+        return None
+    explicit = cfg.resume if isinstance(cfg.resume, str) else None
+    path = ckpt.find_valid(explicit)
+    if path is None and ckpt.candidates():
+        log.warning("no valid checkpoint in %s: starting from scratch", ckpt.root)
+    return path
+
+
+def _save(ckpt: CheckpointManager, engine, loader, cfg: Config, step: int, total_steps: int, epoch: int) -> Path | None:
+    trainer_state = {"epoch": epoch, "total_steps": total_steps, "model": cfg.model.name,
+                     "maescale_version": __version__, "zero_stage": cfg.deepspeed.zero_stage,
+                     "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+    rank_state = {"rng": capture_rng(), "data": loader.state_dict()}
+    try:
+        return ckpt.save(engine, step, trainer_state, rank_state)
+    except (OSError, CheckpointError) as exc:
+        if cfg.checkpoint.on_write_error == "stop":
+            raise
+        log.error("checkpoint at step %d failed (%s); 'latest' still names the previous one; "
+                  "retrying at the next interval (checkpoint.on_write_error=retry)", step, exc)
+        return None
+
+
+def _log_step(cfg, tb, timer, step, total_steps, loss_sum, loss_count, lr, engine, loader, world,
+              model_flops, hw_flops, peak, device, bar) -> float:
+    loss = (loss_sum / max(loss_count, 1)).item()  # the one host sync, every log_every steps
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    perf = timer.summary(world, model_flops, peak)
+    values: dict[str, float | None] = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                       "train/epoch": float(loader.epoch), **perf}
+    if hw_flops != model_flops and perf["perf/tflops_per_gpu"] is not None:
+        values["perf/hardware_tflops_per_gpu"] = perf["perf/tflops_per_gpu"] * hw_flops / model_flops
+    for key, count in loader.stats().items():
+        values[f"data/{key}"] = float(count)
+    if device.type == "cuda":
+        values["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    tb.scalars(step, values)
+    mfu = perf["perf/mfu"]
+    line = (f"step {step}/{total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
+            f"{'n/a' if grad_norm is None else f'{grad_norm:.3f}'} img/s {perf['perf/images_per_s']:.1f} "
+            f"({perf['perf/images_per_s_per_gpu']:.1f}/gpu) data_wait {100 * perf['perf/data_wait_fraction']:.0f}% "
+            f"step {perf['perf/step_time_s'] * 1000:.0f}ms" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+    if "memory/max_allocated_gb" in values:
+        line += f" mem {values['memory/max_allocated_gb']:.1f}GB"
+    if bar is not None:
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2g}")
+    log.info(line)
+    return loss
+
+
+def _progress_bar(cfg: Config, rank: int, step: int, total: int):
+    want = cfg.train.progress_bar
+    if rank != 0 or want == "off" or (want == "auto" and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
