@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from maescale.distributed import agree_max, barrier
+from maescale.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class CheckpointManager:
         barrier(self.group)
         error: BaseException | None = None
         try:
+            fault_point("checkpoint.before_write", step)
             engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False)
             write_json_atomic(partial / f"rank_{self.rank:05d}.json", rank_state)
             if self.rank == 0:
@@ -243,6 +245,7 @@ class CheckpointManager:
             if error is not None:
                 raise error
             raise CheckpointError(f"another rank failed while writing checkpoint {tag}; 'latest' is unchanged")
+        fault_point("checkpoint.before_commit", step)
         if self.rank == 0:
             try:
                 self._commit(partial, final)
@@ -381,3 +384,26 @@ def load_pretrained_into(model: torch.nn.Module, path: str | os.PathLike) -> dic
         raise CheckpointError(f"model.init_from={str(path)!r}: missing encoder keys {missing[:5]}, "
                               f"unexpected keys {list(result.unexpected_keys)[:5]}")
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+
+def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Full float32 model state dict (parameters and buffers) from one checkpoint directory.
+
+    ZeRO-sharded checkpoints (any stage, and bf16 runs, whose fp32 master weights live in the
+    optimizer shards) are consolidated with DeepSpeed's own ``zero_to_fp32`` utility; plain
+    fp32 stage-0 checkpoints hold the full model in ``mp_rank_00_model_states.pt``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    if list(path.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        model_file = path / "mp_rank_00_model_states.pt"
+        if not model_file.is_file():
+            raise CheckpointError(f"{path} holds no DeepSpeed model states ({model_file.name} missing)")
+        # DeepSpeed stores its config objects beside the weights, so this file needs full unpickling.
+        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ from maescale import __version__
 from maescale.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_pretrained_into, restore_rng
 from maescale.config import Config
 from maescale.distributed import DistContext, agree_max, init_distributed
+from maescale.faults import fault_point
 from maescale.engine import build_engine, effective_batch, make_schedule, set_lr
 from maescale.metrics import StepTimer, TensorBoardLogger, reconstruction_grid, save_png
 from maescale.models import build_model
@@ -52,11 +53,11 @@ class StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, extra: Sequence[int] = ()):
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         if enabled:
-            for sig in self.SIGNALS:
+            for sig in (*self.SIGNALS, *extra):
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -102,8 +103,12 @@ def plan_length(cfg: Config, batches_per_epoch: int | None) -> tuple[int, float 
     return max(1, round(cfg.train.epochs * steps_per_epoch)), steps_per_epoch
 
 
-def main(cfg: Config) -> TrainResult:
-    """Train (or resume training) the run described by ``cfg``."""
+def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
+    """Train (or resume training) the run described by ``cfg``.
+
+    ``extra_stop_signals``: signals besides SIGTERM/SIGUSR1 that mean "checkpoint and stop"
+    (the SLURM launcher adds the one submitit asks SLURM to send before the time limit).
+    """
     from maescale.data import build_train_loader, normalize_batch
     from maescale.flops import peak_flops, train_flops_per_image
     from maescale.models.presets import PRESETS
@@ -158,7 +163,7 @@ def main(cfg: Config) -> TrainResult:
                                                   cfg.model.mask_ratio, cfg.model.act_ckpt_every)
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.peak_tflops)
     tb = TensorBoardLogger(out, enabled=rank == 0)
-    signals = StopSignals(cfg.checkpoint.on_signal)
+    signals = StopSignals(cfg.checkpoint.on_signal, extra_stop_signals)
     timer = StepTimer()
     bar = _progress_bar(cfg, rank, step, total_steps)
     mean, std = cfg.data.mean, cfg.data.std
@@ -183,6 +188,7 @@ def main(cfg: Config) -> TrainResult:
             loss_sum += loss.detach()  # no host sync here; read at log time
             loss_count += 1
         step += 1
+        fault_point("train.after_step", step)
         timer.add_step(batch_images)
         if bar is not None:
             bar.update(1)
