@@ -231,7 +231,8 @@ class CheckpointManager:
         error: BaseException | None = None
         try:
             fault_point("checkpoint.before_write", step)
-            engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False)
+            engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False,
+                                   client_state=_universal_info())
             write_json_atomic(partial / f"rank_{self.rank:05d}.json", rank_state)
             if self.rank == 0:
                 write_json_atomic(partial / TRAINER_STATE, {**trainer_state, "format": FORMAT_VERSION,
@@ -350,6 +351,14 @@ class CheckpointManager:
         rank_file = path / f"rank_{self.rank:05d}.json"
         rank_state = json.loads(rank_file.read_text())
         return LoadedState(path=path, step=int(trainer["step"]), trainer=trainer, rank_state=rank_state)
+
+
+def _universal_info() -> dict[str, Any]:
+    # Marks the checkpoint as convertible by DeepSpeed's ds_to_universal (resume on another size).
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
 
 
 def _dir_bytes(path: Path) -> int:
