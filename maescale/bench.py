@@ -1,0 +1,335 @@
+"""Training-step benchmark of one MAE preset: forward + backward + optimizer step.
+
+Each variant (attention kernel x regional ``torch.compile`` x activation checkpointing) gets a
+freshly built model on the device and a fixed random batch (no data loading: this measures the
+model). After ``warmup`` steps (which absorb compilation), each of ``repeats`` steps is timed
+alone between device synchronisations; the median is reported, with images/s, achieved model and
+hardware TFLOP/s (analytic FLOPs of :mod:`maescale.flops`), MFU/HFU against the device's peak,
+and the peak allocated memory (CUDA only).
+
+Precision: ``bf16`` is DeepSpeed's bf16 mode on one device: bf16 weights and activations, fp32
+master weights with the AdamW state, gradients copied to fp32 for the step and the result copied
+back (16 bytes/param + an fp32 gradient copy). ``autocast`` keeps fp32 weights and runs the
+forward under bf16 autocast. ``fp32`` is plain fp32 (the CPU default: CPU bf16 speed says little
+about GPUs). No ZeRO and no communication here: one device, the single-GPU ceiling.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from maescale.flops import mae_flops_per_image, mfu, peak_flops, train_flops_per_image
+from maescale.models import PRESETS, create_model
+from maescale.models.mae import AttentionUnavailableError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "autocast", "fp32")
+
+__all__ = ["Variant", "BenchResult", "variants_from", "unavailable_reason", "bench_variant", "run_bench",
+           "format_results", "environment", "PRECISIONS"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    attn_impl: str = "sdpa"
+    compile: bool = False
+    act_ckpt_every: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.attn_impl}{'+compile' if self.compile else ''}{f'+ckpt{self.act_ckpt_every}' if self.act_ckpt_every else ''}"
+
+
+def variants_from(attn: list[str], compile_opts: list[bool], ckpt: list[int], grid: str = "product") -> list[Variant]:
+    """``product``: every combination. ``axes``: the first of each list as the baseline, then one
+    axis changed at a time (``len(attn) + len(compile) + len(ckpt) - 2`` variants)."""
+    if grid == "product":
+        return [Variant(a, c, k) for a, c, k in itertools.product(attn, compile_opts, ckpt)]
+    if grid != "axes":
+        raise ValueError(f"grid must be 'product' or 'axes', got {grid!r}")
+    base = Variant(attn[0], compile_opts[0], ckpt[0])
+    out = [base]
+    out += [Variant(a, base.compile, base.act_ckpt_every) for a in attn[1:]]
+    out += [Variant(base.attn_impl, c, base.act_ckpt_every) for c in compile_opts[1:]]
+    out += [Variant(base.attn_impl, base.compile, k) for k in ckpt[1:]]
+    return out
+
+
+@dataclass
+class BenchResult:
+    preset: str
+    img_size: int
+    mask_ratio: float
+    micro_batch: int
+    attn_impl: str
+    compile: bool
+    act_ckpt_every: int
+    precision: str
+    device: str
+    status: str = "ok"  # ok | skipped | oom | error
+    reason: str | None = None
+    step_ms: float | None = None  # median
+    step_ms_min: float | None = None
+    step_ms_max: float | None = None
+    first_step_s: float | None = None  # includes compilation
+    images_per_s: float | None = None
+    model_gflops_per_image: float | None = None
+    hardware_gflops_per_image: float | None = None
+    model_tflops: float | None = None  # achieved, per device
+    hardware_tflops: float | None = None
+    mfu: float | None = None
+    hfu: float | None = None
+    peak_mem_gib: float | None = None
+    loss: float | None = None
+    repeats: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return Variant(self.attn_impl, self.compile, self.act_ckpt_every).label
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"variant": self.label}
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, for the JSON record."""
+    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "device": str(device), "cpu_threads": torch.get_num_threads()}
+    try:
+        import timm
+
+        env["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["gpu_total_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+            if names:
+                env["device_name"] = names[0]
+        except OSError:  # pragma: no cover
+            pass
+    try:
+        import flash_attn
+
+        env["flash_attn"] = flash_attn.__version__
+    except ImportError:
+        env["flash_attn"] = None
+    return env
+
+
+def unavailable_reason(v: Variant, device: torch.device, precision: str) -> str | None:
+    """Why variant ``v`` cannot run here (None when it can): checked up front to skip cleanly."""
+    if v.attn_impl in ("flash", "flash_attn"):
+        if device.type != "cuda":
+            return f"attn_impl={v.attn_impl} needs a CUDA GPU (device is {device.type})"
+        if precision == "fp32":
+            return f"attn_impl={v.attn_impl} needs bf16/fp16 (precision is fp32)"
+    if v.attn_impl == "flash_attn":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return "flash_attn package not installed (pip install flash-attn --no-build-isolation)"
+    if v.compile and device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch.compile on CUDA needs triton"
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Step:
+    """One training step in the chosen precision (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device, lr: float = 1e-4):
+        self.model, self.precision, self.device = model, precision, device
+        fused = device.type == "cuda"
+        params = [p for p in model.parameters() if p.requires_grad]
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+            self.params = params
+            self.master = [p.detach().float().clone().requires_grad_(True) for p in params]
+            self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+        else:
+            self.params = self.master = params
+            self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+        self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        if self.precision == "autocast":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                loss = self.model(imgs)[0]
+        else:
+            loss = self.model(imgs)[0]
+        loss.backward()
+        if self.precision == "bf16":
+            for m, p in zip(self.master, self.params):
+                m.grad = p.grad.float()
+                p.grad = None
+            self.opt.step()
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.master)
+            for m in self.master:
+                m.grad = None
+        else:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224, mask_ratio: float = 0.75,
+                  precision: str = "bf16", device: torch.device | str = "cuda", warmup: int = 3, repeats: int = 10,
+                  peak_tflops: float | None = None, seed: int = 0) -> BenchResult:
+    """Time one variant at one micro-batch (see the module docstring)."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    arch = PRESETS[preset]
+    res = BenchResult(preset, img_size, mask_ratio, micro_batch, v.attn_impl, v.compile, v.act_ckpt_every,
+                      precision, str(device))
+    reason = unavailable_reason(v, device, precision)
+    if reason:
+        res.status, res.reason = "skipped", reason
+        return res
+    model_f, hw_f = train_flops_per_image(arch, img_size, mask_ratio, v.act_ckpt_every)
+    res.model_gflops_per_image, res.hardware_gflops_per_image = model_f / 1e9, hw_f / 1e9
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_flops(dev_name, peak_tflops, "fp32" if precision == "fp32" else "bf16")
+
+    step = model = imgs = None
+    try:
+        torch.manual_seed(seed)
+        model = create_model(preset, img_size=img_size, mask_ratio=mask_ratio, attn_impl=v.attn_impl,
+                             act_ckpt_every=v.act_ckpt_every, device=device)
+        model.train()
+        step = _Step(model, precision, device)
+        if v.compile:
+            model.compile_blocks()
+        imgs = torch.randn(micro_batch, model.in_chans, img_size, img_size, device=device, dtype=step.input_dtype)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        loss = step(imgs)
+        _sync(device)
+        res.first_step_s = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            step(imgs)
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            loss = step(imgs)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        res.step_ms, res.step_ms_min, res.step_ms_max = med * 1e3, min(times) * 1e3, max(times) * 1e3
+        res.repeats = repeats
+        res.images_per_s = micro_batch / med
+        res.model_tflops = model_f * res.images_per_s / 1e12
+        res.hardware_tflops = hw_f * res.images_per_s / 1e12
+        res.mfu = mfu(model_f, res.images_per_s, peak)
+        res.hfu = mfu(hw_f, res.images_per_s, peak)
+        res.loss = float(loss)
+        if not math.isfinite(res.loss):
+            res.status, res.reason = "error", f"non-finite loss {res.loss}"
+        if device.type == "cuda":
+            res.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    except torch.OutOfMemoryError as exc:
+        res.status, res.reason = "oom", str(exc).splitlines()[0][:200]
+    except AttentionUnavailableError as exc:
+        res.status, res.reason = "skipped", str(exc)
+    except Exception as exc:  # a variant failing must not lose the others' numbers
+        log.exception("variant %s at micro-batch %d failed", v.label, micro_batch)
+        res.status, res.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    finally:
+        del step, model, imgs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if v.compile:
+            torch._dynamo.reset()
+    return res
+
+
+def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], img_size: int = 224,
+              mask_ratio: float = 0.75, precision: str | None = None, device: str | None = None, warmup: int = 3,
+              repeats: int = 10, peak_tflops: float | None = None) -> tuple[list[BenchResult], dict]:
+    """All ``variants`` at all ``micro_batches``; returns the results and the environment."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    env = environment(dev)
+    results = []
+    for mb in micro_batches:
+        for v in variants:
+            log.info("%s mb=%d %s ...", preset, mb, v.label)
+            r = bench_variant(preset, v, mb, img_size, mask_ratio, precision, dev, warmup, repeats, peak_tflops)
+            log.info("  %s", _line(r, None))
+            results.append(r)
+    return results, env
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _line(r: BenchResult, base: BenchResult | None) -> str:
+    if r.status != "ok":
+        return f"{r.status}: {r.reason}"
+    rel = r.images_per_s / base.images_per_s if base is not None and base.status == "ok" else None
+    return (f"{_fmt(r.step_ms, '.1f')} ms  {_fmt(r.images_per_s, '.1f')} img/s  x{_fmt(rel, '.2f')}  "
+            f"{_fmt(r.model_tflops, '.3f')} TFLOP/s  MFU {_fmt(None if r.mfu is None else 100 * r.mfu, '.1f')}%  "
+            f"peak {_fmt(r.peak_mem_gib, '.2f')} GiB")
+
+
+def format_results(results: list[BenchResult], env: dict | None = None) -> str:
+    """Text table; ``vs 1st`` is images/s relative to the first variant at the same micro-batch."""
+    head = (f"{'preset':<22}{'px':>4}{'mb':>5} {'variant':<26}{'ms/step':>9}{'img/s':>9}{'vs 1st':>7}"
+            f"{'model TF/s':>11}{'hw TF/s':>9}{'MFU%':>6}{'HFU%':>6}{'peak GiB':>9}{'1st s':>7}")
+    lines = []
+    if env:
+        lines.append(f"device: {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
+                     f"precision {results[0].precision if results else '?'}")
+    lines.append(head)
+    first: dict[tuple, BenchResult] = {}
+    for r in results:
+        base = first.setdefault((r.preset, r.img_size, r.micro_batch), r)
+        if r.status != "ok":
+            lines.append(f"{r.preset:<22}{r.img_size:>4}{r.micro_batch:>5} {r.label:<26}  {r.status}: {r.reason}")
+            continue
+        rel = r.images_per_s / base.images_per_s if base.status == "ok" else None
+        lines.append(
+            f"{r.preset:<22}{r.img_size:>4}{r.micro_batch:>5} {r.label:<26}{r.step_ms:>9.1f}{r.images_per_s:>9.1f}"
+            f"{_fmt(rel, '.2f'):>7}{r.model_tflops:>11.3f}{r.hardware_tflops:>9.3f}"
+            f"{_fmt(None if r.mfu is None else 100 * r.mfu, '.1f'):>6}{_fmt(None if r.hfu is None else 100 * r.hfu, '.1f'):>6}"
+            f"{_fmt(r.peak_mem_gib, '.2f'):>9}{_fmt(r.first_step_s, '.1f'):>7}")
+    return "\n".join(lines)
+
+
+def flops_summary(preset: str, img_size: int, mask_ratio: float) -> str:
+    """One line of the analytic FLOPs of the preset (printed above the table)."""
+    f = mae_flops_per_image(PRESETS[preset], img_size, mask_ratio)
+    return (f"{preset} @ {img_size}px mask {mask_ratio}: forward {f.forward / 1e9:.3f} GFLOPs/image "
+            f"(encoder {f.encoder / 1e9:.3f} on {f.encoder_tokens} tokens, decoder {f.decoder / 1e9:.3f} on "
+            f"{f.decoder_tokens}), training step {f.train / 1e9:.3f} GFLOPs/image")
