@@ -336,21 +336,77 @@ class CheckpointManager:
                 raise CheckpointError(f"resume={explicit!r} is not a valid checkpoint: {problem or 'see other ranks'}")
         return None
 
-    def load(self, engine, path: Path) -> LoadedState:
-        """Restore engine weights + optimizer from ``path``; return the trainer/rank state."""
-        trainer = json.loads((path / TRAINER_STATE).read_text())
-        saved_world = trainer.get("world_size")
-        if saved_world != self.world_size:
+    def load(self, engine, path: Path, universal: Path | None = None) -> LoadedState:
+        """Restore engine weights + optimizer from ``path``; return the trainer/rank state.
+
+        ``universal``: the DeepSpeed universal form of ``path`` (see :func:`prepare_universal`),
+        loaded instead when the job's size differs from the one that wrote the checkpoint; the
+        engine must then have been built with ``checkpoint.load_universal``. The per-rank
+        states of a resized job are all of the old ranks' (``rank_state["old_ranks"]``), for
+        the caller to map.
+        """
+        trainer = read_trainer_state(path)
+        saved_world = int(trainer["world_size"])
+        if saved_world != self.world_size and universal is None and not is_world_size_independent(path):
             raise CheckpointError(
-                f"checkpoint {path} was written by {saved_world} processes, this job has {self.world_size}. "
-                "Resume with the same number of processes, or convert it (see README: 'Resume on a different size').")
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                f"checkpoint {path} was written by {saved_world} processes, this job has {self.world_size}, "
+                "and no universal form was prepared")
+        src = universal or path
+        load_path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {path}")
-        rank_file = path / f"rank_{self.rank:05d}.json"
-        rank_state = json.loads(rank_file.read_text())
+            raise CheckpointError(f"DeepSpeed could not load {src}")
+        if saved_world == self.world_size:
+            rank_state = json.loads((path / f"rank_{self.rank:05d}.json").read_text())
+        else:
+            rank_state = {"old_ranks": [json.loads((path / f"rank_{r:05d}.json").read_text())
+                                        for r in range(saved_world)]}
         return LoadedState(path=path, step=int(trainer["step"]), trainer=trainer, rank_state=rank_state)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint directory."""
+    try:
+        return json.loads((Path(path) / TRAINER_STATE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read {TRAINER_STATE} ({exc})") from None
+
+
+def is_world_size_independent(path: Path) -> bool:
+    """True when a checkpoint holds full (unsharded) optimizer state: ZeRO-0 in fp32."""
+    return not list(Path(path).glob("*optim_states.pt"))
+
+
+UNIVERSAL_DIR = "universal"
+
+
+def prepare_universal(path: Path, rank: int, group: object = None) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal (world-size independent) form.
+
+    Rank 0 runs DeepSpeed's ``ds_to_universal`` into ``path/universal`` (once; a finished
+    conversion is reused) while the others wait. Returns that directory.
+    """
+    out = Path(path) / UNIVERSAL_DIR
+    error: str | None = None
+    if rank == 0 and not (out / "mp_rank_00_model_states.pt").is_file():
+        import subprocess
+        import sys
+
+        tmp = Path(path) / (UNIVERSAL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint for a job of another size", path)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = (f"converting {path} to a universal checkpoint failed:\n{proc.stderr[-2000:]}\n"
+                     f"Convert by hand: python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
+                     f"--output_folder {out}")
+        else:
+            os.replace(tmp, out)
+    if agree_max([1 if error else 0], group)[0]:
+        raise CheckpointError(error or "rank 0 failed to convert the checkpoint to universal form")
+    return out
 
 
 def _universal_info() -> dict[str, Any]:

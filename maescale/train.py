@@ -12,6 +12,7 @@ The same ``main`` runs under ``tools/train.py`` (one process), ``torchrun`` and 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,8 +24,9 @@ from typing import Any, Sequence
 import torch
 
 from maescale import __version__
-from maescale.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_pretrained_into, restore_rng
-from maescale.config import Config
+from maescale.checkpoint import (CheckpointError, CheckpointManager, capture_rng, is_world_size_independent,
+                                 load_pretrained_into, prepare_universal, read_trainer_state, restore_rng)
+from maescale.config import Config, deep_merge
 from maescale.distributed import DistContext, agree_max, init_distributed
 from maescale.faults import fault_point
 from maescale.engine import build_engine, effective_batch, make_schedule, set_lr
@@ -109,7 +111,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     ``extra_stop_signals``: signals besides SIGTERM/SIGUSR1 that mean "checkpoint and stop"
     (the SLURM launcher adds the one submitit asks SLURM to send before the time limit).
     """
-    from maescale.data import build_train_loader, normalize_batch
+    from maescale.data import build_train_loader, normalize_batch, remap_position
     from maescale.flops import peak_flops, train_flops_per_image
     from maescale.models.presets import PRESETS
 
@@ -127,6 +129,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     ckpt = CheckpointManager(out, rank, world, cfg.checkpoint.keep_last, ctx.control_group, cfg.to_yaml())
     ckpt.clean_partials()
     resume_path = _pick_resume(cfg, ckpt)
+    cfg, universal = _plan_resize(cfg, resume_path, ctx)
 
     # ---- 2. model, data, engine
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -152,11 +155,21 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     step, resumed_from = 0, None
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # masks differ per rank
     if resume_path is not None:
-        state = ckpt.load(engine, resume_path)
+        state = ckpt.load(engine, resume_path, universal)
         step = resumed_from = state.step
-        restore_rng(state.rank_state["rng"])
-        loader.load_state_dict(state.rank_state["data"])
+        if "old_ranks" in state.rank_state:  # a job of another size wrote it
+            old = state.rank_state["old_ranks"]
+            if rank < len(old):
+                restore_rng(old[rank]["rng"])
+            loader.load_state_dict(remap_position([o["data"] for o in old], rank, world))
+        else:
+            restore_rng(state.rank_state["rng"])
+            loader.load_state_dict(state.rank_state["data"])
         log.info("resumed from %s at step %d", resume_path, step)
+        if "old_ranks" in state.rank_state:
+            # Re-save in this job's layout at once: later resumes at this size need no conversion.
+            last_saved = _save(ckpt, engine, loader, cfg, step, total_steps, epoch=loader.epoch)
+            log.info("checkpoint %s rewritten for %d processes", last_saved, world)
 
     # ---- 4. the loop
     model_flops, hw_flops = train_flops_per_image(PRESETS[cfg.model.name], cfg.model.img_size,
@@ -172,6 +185,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     loss_sum = torch.zeros((), device=device)
     loss_count, last_loss, status = 0, None, "finished"
     data_iter = iter(loader)
+    imgs = pred = mask = None  # the last micro-batch, for the final reconstruction picture
     batch_images = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
 
     while step < total_steps:
@@ -219,7 +233,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     # ---- 5. wrap up
     if bar is not None:
         bar.close()
-    if rank == 0 and status == "finished":
+    if rank == 0 and status == "finished" and imgs is not None:
         grid = reconstruction_grid(model, imgs, pred, mask, mean, std)
         png = save_png(grid, out / "reconstruction.png")
         tb.image(step, "reconstruction", grid)
@@ -247,6 +261,36 @@ def _pick_resume(cfg: Config, ckpt: CheckpointManager) -> Path | None:
     if path is None and ckpt.candidates():
         log.warning("no valid checkpoint in %s: starting from scratch", ckpt.root)
     return path
+
+
+def _plan_resize(cfg: Config, resume_path: Path | None, ctx: DistContext) -> tuple[Config, Path | None]:
+    """Resuming on another number of processes: keep the effective batch (so the step count,
+    lr schedule and epoch length keep their meaning) by re-deriving ``grad_accum_steps``, and
+    convert sharded optimizer state to DeepSpeed's universal form. Returns (cfg, universal dir)."""
+    if resume_path is None:
+        return cfg, None
+    saved = read_trainer_state(resume_path)
+    old_world, world = int(saved["world_size"]), ctx.env.world_size
+    if old_world == world:
+        return cfg, None
+    old_batch = int(saved["micro_batch_size"]) * int(saved["grad_accum_steps"]) * old_world
+    per_micro_step = cfg.train.micro_batch_size * world
+    if old_batch % per_micro_step:
+        raise CheckpointError(
+            f"checkpoint {resume_path} was trained by {old_world} processes with an effective batch of {old_batch}; "
+            f"{world} processes x train.micro_batch_size={cfg.train.micro_batch_size} cannot make {old_batch}. "
+            f"Set train.micro_batch_size (and train.grad_accum_steps) so that micro x accum x {world} = {old_batch}.")
+    accum = old_batch // per_micro_step
+    if accum != cfg.train.grad_accum_steps:
+        log.warning("resuming a %d-process run on %d processes: train.grad_accum_steps %d -> %d keeps the "
+                    "effective batch at %d", old_world, world, cfg.train.grad_accum_steps, accum, old_batch)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
+    universal = None
+    if not is_world_size_independent(resume_path):
+        universal = prepare_universal(resume_path, ctx.env.rank, ctx.control_group)
+        extra = deep_merge(cfg.deepspeed.extra, {"checkpoint": {"load_universal": True}})
+        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, extra=extra))
+    return cfg, universal
 
 
 def _save(ckpt: CheckpointManager, engine, loader, cfg: Config, step: int, total_steps: int, epoch: int) -> Path | None:
