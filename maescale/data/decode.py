@@ -1,0 +1,284 @@
+"""Decode one image sample into a uint8 RandomResizedCrop + flip, doing as little work as possible.
+
+The law of the transform is torchvision's ``RandomResizedCrop(size, scale, ratio, bicubic)`` +
+``RandomHorizontalFlip(p)``: :func:`crop_box` is ``RandomResizedCrop.get_params`` (10 tries of a
+uniform area fraction and log-uniform aspect ratio, central-crop fallback) driven by a given
+``random.Random``. The box is always drawn from the *original* image size (read from the header),
+so the fast and the plain path draw identical boxes from identical RNG states.
+
+Plain path (``fast=False``): decode fully, convert to RGB, ``crop(box).resize(size, BICUBIC)``:
+pixel-identical to torchvision's ``F.resized_crop`` on a PIL image.
+
+Fast path (``fast=True``, the default):
+
+1. ``Image.open`` reads only the header; the box is drawn from its size.
+2. JPEG: ``draft()`` asks libjpeg for a DCT-domain downscale by 1/2, 1/4 or 1/8 -- the largest
+   factor for which the crop box is still at least the output size in both directions, so the
+   result is never upsampled where the plain path would have downsampled. Decoding at 1/s costs
+   about 1/s^2 of the full decode. The box is then mapped to the reduced image to the nearest
+   reduced pixel (an offset below half an output pixel).
+3. One resize from the crop box (a view, no copy) straight to the output size, with torch's
+   antialiased uint8 kernels: the same filter as PIL's (within one grey level of it), 4-8x faster
+   than PIL's resize, and the result is already CHW uint8.
+4. No colour conversion at full size unless needed: RGB and grayscale go straight to the resize
+   (grayscale as one channel, expanded at the output size); rarer modes (palette, alpha, CMYK,
+   16-bit) are converted at full size with the same rules as the plain path.
+5. The flip is done on the small output.
+
+Both paths reject images with more than ``max_pixels`` pixels before decoding anything
+(decompression bombs), and raise :class:`BadSample` on anything undecodable.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile
+
+# Keys under which a sample's image may be stored, in order of preference.
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff", "gif",
+              "jpe", "jfif", "img", "image")
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "PPM", "BMP", "TIFF", "GIF", "MPO")
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a bad sample, not a grey image
+
+
+class BadSample(Exception):
+    """This sample cannot be turned into an image (the reason is the message)."""
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """PIL's own decompression-bomb guard (it raises above twice this); we check ``limit``
+    ourselves before decoding."""
+    Image.MAX_IMAGE_PIXELS = int(limit)
+
+
+def crop_box(
+    rng: random.Random,
+    width: int,
+    height: int,
+    scale: Sequence[float] = (0.2, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``: returns ``(top, left, h, w)``."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a WebDataset sample (first of :data:`IMAGE_KEYS`, then any key whose
+    last extension part is one of them)."""
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return sample[key]
+    for key, value in sample.items():
+        if not key.startswith("__") and key.rsplit(".", 1)[-1] in IMAGE_KEYS:
+            return value
+    keys = ", ".join(k for k in sample if not k.startswith("__")) or "none"
+    raise BadSample(f"no image in sample (keys: {keys})")
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise BadSample("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise BadSample(f"decompression bomb: {exc}") from None
+    except Image.DecompressionBombWarning as exc:
+        raise BadSample(f"decompression bomb: {exc}") from None
+    except Exception as exc:
+        raise BadSample(f"cannot open image: {type(exc).__name__}: {exc}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise BadSample(f"image has size {w}x{h}")
+    if w * h > max_pixels:
+        raise BadSample(f"decompression bomb: {w}x{h} = {w * h} pixels is more than data.max_image_pixels="
+                        f"{max_pixels}")
+    return img
+
+
+def _prepare_mode(img: Image.Image) -> Image.Image:
+    """Bring a decoded image into a mode PIL can resize and we can turn into RGB cheaply:
+    one of RGB, L, RGBA, LA, CMYK. Conversions here run at full size, so only where needed."""
+    mode = img.mode
+    if mode in ("RGB", "L", "RGBA", "LA", "CMYK"):
+        return img
+    if mode == "P" or mode == "PA":
+        return img.convert("RGBA" if (mode == "PA" or "transparency" in img.info) else "RGB")
+    if mode == "1":
+        return img.convert("L")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img)
+        if mode == "F":
+            arr = np.clip(arr, 0, 255)
+        else:
+            arr = np.clip(arr.astype(np.int64) >> 8, 0, 255)  # 16-bit range to 8 bits
+        return Image.fromarray(arr.astype(np.uint8), "L")
+    if mode == "RGBa":
+        return img.convert("RGBA")
+    if mode == "La":
+        return img.convert("LA")
+    return img.convert("RGB")  # RGBX, YCbCr, LAB, HSV, ...
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 from a resized image in one of RGB, L, RGBA, LA, CMYK."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode == "L":
+        return np.repeat(np.asarray(img)[:, :, None], 3, axis=2)
+    if mode == "CMYK":
+        return np.asarray(img.convert("RGB"))
+    if mode in ("RGBA", "LA"):
+        arr = np.asarray(img)
+        color = arr[:, :, :3] if mode == "RGBA" else np.repeat(arr[:, :, :1], 3, axis=2)
+        alpha = arr[:, :, -1:].astype(np.uint16)
+        out = (color.astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255  # over white
+        return out.astype(np.uint8)
+    return np.asarray(img.convert("RGB"))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as RGB, with the same rules as the decoder (alpha over white, 16-bit scaled)."""
+    return Image.fromarray(_to_rgb_array(_prepare_mode(img)), "RGB")
+
+
+def _draft_scale(box_w: int, box_h: int, out: int) -> int:
+    for s in (8, 4, 2):
+        if box_w >= out * s and box_h >= out * s:
+            return s
+    return 1
+
+
+_TORCH_MODE = {"bicubic": "bicubic", "bilinear": "bilinear"}
+
+
+def _resize_chw(arr: np.ndarray, box: tuple[int, int, int, int], size: int, mode: str) -> torch.Tensor:
+    """Crop ``arr`` (H, W, C) uint8 to the integer ``box`` (left, top, right, bottom) and resize
+    to (C, size, size) uint8 with torch's antialiased uint8 kernels, which match PIL's
+    ``resize`` to within one grey level (torchvision documents the same)."""
+    left, top, right, bottom = box
+    with warnings.catch_warnings():  # PIL's arrays are read-only; we never write to them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    t = t.permute(2, 0, 1)[None, :, top:bottom, left:right]
+    if t.shape[-2:] == (size, size):
+        return t[0].contiguous()
+    return F.interpolate(t, size=(size, size), mode=mode, antialias=True)[0]
+
+
+class Decoder:
+    """Sample bytes -> uint8 (3, H, W) RandomResizedCrop + flip, fast or plain path."""
+
+    def __init__(
+        self,
+        size: int,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        interpolation: str = "bicubic",
+        hflip_prob: float = 0.5,
+        fast: bool = True,
+        max_pixels: int = 178_956_970,
+    ):
+        self.size = int(size)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.interpolation = interpolation
+        self.resample = RESAMPLE[interpolation]
+        self.hflip_prob = float(hflip_prob)
+        self.fast = fast
+        self.max_pixels = int(max_pixels)
+
+    def draw(self, rng: random.Random, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The random parameters of one sample: the crop box ``(top, left, h, w)`` and the flip."""
+        box = crop_box(rng, width, height, self.scale, self.ratio)
+        flip = rng.random() < self.hflip_prob
+        return box, flip
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        """Decode and augment one image; returns (3, size, size) uint8."""
+        img = _open(data, self.max_pixels)
+        box, flip = self.draw(rng, *img.size)
+        try:
+            out = self._fast(img, box) if self.fast else self._plain(img, box)
+        except BadSample:
+            raise
+        except Exception as exc:  # truncated data, broken streams, odd modes
+            raise BadSample(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+        return out.flip(-1) if flip else out
+
+    def decode_box(self, data: bytes, box: tuple[int, int, int, int], fast: bool | None = None) -> torch.Tensor:
+        """Decode with a given box ``(top, left, h, w)`` and no flip (to compare the paths)."""
+        img = _open(data, self.max_pixels)
+        return self._fast(img, box) if (self.fast if fast is None else fast) else self._plain(img, box)
+
+    def _plain(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """Reference: exactly torchvision's ``F.resized_crop`` on the RGB PIL image."""
+        top, left, h, w = box
+        rgb = to_rgb(img)
+        out = rgb.crop((left, top, left + w, top + h)).resize((self.size, self.size), self.resample)
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+
+    def _fast(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        top, left, h, w = box
+        s = 1
+        if img.format in ("JPEG", "MPO"):
+            want = _draft_scale(w, h, self.size)
+            if want > 1:
+                width, height = img.size
+                # PIL picks the largest power of two <= W // request: ask for exactly 1/want
+                if img.draft(None, (max(1, width // want), max(1, height // want))) is not None:
+                    for cand in (8, 4, 2, 1):  # PIL sizes the result ceil(W / s)
+                        if -(-width // cand) == img.size[0] and -(-height // cand) == img.size[1]:
+                            s = cand
+                            break
+        img.load()
+        if img.mode == "RGB":
+            arr = np.asarray(img)
+        elif img.mode == "L":
+            arr = np.asarray(img)[:, :, None]
+        else:  # rare modes: to RGB at full size, same rules as the plain path
+            arr = _to_rgb_array(_prepare_mode(img))
+        if s == 1:
+            ibox = (left, top, left + w, top + h)
+        else:  # the box in the reduced image, to the nearest reduced pixel (< 1/2 output pixel)
+            H, W = arr.shape[:2]
+            x0, y0 = min(round(left / s), W - 1), min(round(top / s), H - 1)
+            x1 = min(max(round((left + w) / s), x0 + 1), W)
+            y1 = min(max(round((top + h) / s), y0 + 1), H)
+            ibox = (x0, y0, x1, y1)
+        out = _resize_chw(arr, ibox, self.size, _TORCH_MODE[self.interpolation])
+        if out.shape[0] == 1:
+            out = out.expand(3, -1, -1).contiguous()
+        return out

@@ -1,0 +1,322 @@
+"""Write WebDataset shards from an image folder (``tools/make_shards.py`` is the CLI).
+
+Output, all inside ``output_dir`` and nowhere else::
+
+    shard-000000.tar, shard-000001.tar, ...   each sample: KEY.jpg (or .png, ...), KEY.cls, KEY.json
+    sizes.json                                 {"total": N, "shards": {"shard-000000.tar": n, ...}, ...}
+
+* Input: ImageNet-style class folders (``DIR/n01440764/xxx.JPEG``; the class is the first folder
+  below ``DIR``, labels are the sorted class names' indices) or a flat folder (no ``cls``).
+* Keys are ``{index:09d}_{name}`` with ``name`` reduced to ``[A-Za-z0-9_-]`` (at most 64 chars):
+  unique, free of dots and slashes, so hostile file names can neither break WebDataset's
+  KEY.EXT grouping nor make ``tar -x`` write outside its target directory.
+* Image bytes are copied as they are (the format is sniffed from the content, not the name);
+  ``resize=N`` re-encodes images whose shorter side exceeds N to that size (JPEG, quality 95).
+  Files that are not decodable images are skipped and counted.
+* Files are shuffled (seeded) before sharding by default, so that each shard mixes classes.
+* Each shard is written under a temporary hidden name and renamed when complete, and so is
+  ``sizes.json``: a crash never leaves a truncated ``shard-*.tar``.
+* Tar members have fixed owner, mode and time: the same input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any, Iterable, Iterator
+
+from PIL import Image
+
+from maescale.data.decode import to_rgb
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".pbm",
+                    ".tif", ".tiff", ".gif"}
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "PPM": "ppm",
+              "TIFF": "tif", "GIF": "gif"}
+MTIME = 946684800  # 2000-01-01: fixed, so that shards are reproducible
+_PREFIX = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+
+
+def safe_name(text: str, limit: int = 64) -> str:
+    """``text`` reduced to ``[A-Za-z0-9_-]`` (runs of anything else become ``_``)."""
+    out = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_-")
+    return out[-limit:] if out else "x"
+
+
+@dataclass
+class Record:
+    """One sample to write: its name (for the key), members ``{ext: bytes}``."""
+
+    name: str
+    members: dict[str, bytes]
+
+
+@dataclass
+class ShardSummary:
+    shards: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    skipped: int = 0
+    classes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": "maescale-shards/1", "total": self.total, "shards": self.shards}
+        if self.classes:
+            out["classes"] = self.classes
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
+
+
+class ShardWriter:
+    """Sequentially writes samples into numbered shards, atomically; ``close()`` writes sizes.json."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, prefix: str = "shard", maxcount: int = 1000,
+                 maxsize: int = 1 << 30, overwrite: bool = False):
+        if not _PREFIX.match(prefix):
+            raise ValueError(f"shard prefix {prefix!r} must be letters, digits, '_' or '-'")
+        if maxcount < 1 or maxsize < 1:
+            raise ValueError("maxcount and maxsize must be positive")
+        self.output_dir = os.path.abspath(os.fspath(output_dir))
+        self.prefix = prefix
+        self.maxcount = maxcount
+        self.maxsize = maxsize
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6}})\.tar$")
+        existing = [f for f in os.listdir(self.output_dir) if self._pattern.match(f)]
+        if existing and not overwrite:
+            raise FileExistsError(f"{self.output_dir} already holds shards ({existing[0]}, ...); "
+                                  f"choose an empty folder or overwrite")
+        self.summary = ShardSummary()
+        self._tar: tarfile.TarFile | None = None
+        self._tmp = ""
+        self._count = 0
+        self._size = 0
+        self._index = 0  # next sample index (for keys)
+        self._last_log = time.monotonic()
+
+    def _path(self, name: str) -> str:
+        path = os.path.join(self.output_dir, name)
+        assert os.path.dirname(path) == self.output_dir  # never outside the output folder
+        return path
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.summary.shards):06d}.tar"
+        self._name = name
+        self._tmp = self._path(f".{name}.tmp-{os.getpid()}")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._count = 0
+        self._size = 0
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self._tmp, self._path(self._name))
+        self.summary.shards[self._name] = self._count
+        logger.debug("wrote %s: %d samples, %.1f MB", self._name, self._count, self._size / 1e6)
+        self._tar = None
+
+    def write(self, record: Record) -> str:
+        """Add one sample; returns its key."""
+        size = sum(512 + (len(v) + 511) // 512 * 512 for v in record.members.values())
+        if self._tar is not None and (self._count >= self.maxcount or
+                                      (self._count > 0 and self._size + size > self.maxsize)):
+            self._finish()
+        if self._tar is None:
+            self._open()
+        key = f"{self._index:09d}_{safe_name(record.name)}"
+        self._index += 1
+        for ext, data in record.members.items():
+            if not re.match(r"^[a-z0-9]+(\.[a-z0-9]+)*$", ext):
+                raise ValueError(f"bad member extension {ext!r}")
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = MTIME
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            assert self._tar is not None
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._size += size
+        self.summary.total += 1
+        return key
+
+    def close(self) -> ShardSummary:
+        """Finish the last shard, remove stale shards of an earlier run, write sizes.json."""
+        self._finish()
+        for f in os.listdir(self.output_dir):
+            m = self._pattern.match(f)
+            if m and f not in self.summary.shards:
+                os.remove(self._path(f))
+        tmp = self._path(f".sizes.json.tmp-{os.getpid()}")
+        with open(tmp, "w") as fh:
+            json.dump(self.summary.to_json(), fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, self._path("sizes.json"))
+        return self.summary
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            os.remove(self._tmp)
+            self._tar = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --------------------------------------------------------------------------------------------
+# From an image folder
+# --------------------------------------------------------------------------------------------
+
+
+def find_images(input_dir: str | os.PathLike) -> list[tuple[str, str | None]]:
+    """``(relative path, class folder or None)`` of every image file below ``input_dir``, sorted;
+    hidden files and folders are ignored, symlinked folders are not followed."""
+    root = os.path.abspath(os.fspath(input_dir))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"input folder '{input_dir}' does not exist")
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            rel = os.path.relpath(os.path.join(folder, f), root)
+            parts = rel.split(os.sep)
+            out.append((rel, parts[0] if len(parts) > 1 else None))
+    return out
+
+
+def _process(args: tuple[str, str, str | None, int | None, int | None]) -> tuple[str, dict[str, bytes]] | str:
+    """Read one image file into members, or return the reason it is skipped."""
+    root, rel, cls, label, resize = args
+    try:
+        with open(os.path.join(root, rel), "rb") as fh:
+            data = fh.read()
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            width, height = img.size
+            if fmt not in FORMAT_EXT:
+                return f"{rel}: unsupported format {fmt}"
+            ext = FORMAT_EXT[fmt]
+            if resize and min(width, height) > resize:
+                scale = resize / min(width, height)
+                size = (max(1, round(width * scale)), max(1, round(height * scale)))
+                img.draft("RGB", size)
+                small = to_rgb(img).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+                buf = io.BytesIO()
+                small.save(buf, "JPEG", quality=95)
+                data, ext = buf.getvalue(), "jpg"
+                width, height = size
+            elif fmt != "JPEG":
+                img.verify()  # cheap structural check (PNG: chunk CRCs)
+    except Exception as exc:
+        return f"{rel}: {type(exc).__name__}: {exc}"
+    meta = {"path": rel, "class": cls, "label": label, "width": width, "height": height}
+    members = {ext: data}
+    if label is not None:
+        members["cls"] = str(label).encode()
+    members["json"] = json.dumps(meta, ensure_ascii=True).encode()
+    return rel, members
+
+
+class _Progress:
+    """tqdm when stdout is a terminal, a log line every ``every`` seconds otherwise."""
+
+    def __init__(self, total: int, desc: str, every: float = 10.0):
+        self.total, self.desc, self.every = total, desc, every
+        self.done = 0
+        self.bar = None
+        self._t0 = self._last = time.monotonic()
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.every or self.done == self.total:
+            rate = self.done / max(now - self._t0, 1e-9)
+            logger.info("%s: %d/%d images (%.0f/s)", self.desc, self.done, self.total, rate)
+            self._last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_shards(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, maxcount: int = 1000,
+                maxsize: int = 1 << 30, workers: int = 1, resize: int | None = None, shuffle: bool = True,
+                seed: int = 0, prefix: str = "shard", overwrite: bool = False) -> ShardSummary:
+    """Shard every image below ``input_dir`` into ``output_dir`` (see the module docstring)."""
+    root = os.path.abspath(os.fspath(input_dir))
+    files = find_images(root)
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) below '{input_dir}'")
+    classes = sorted({c for _, c in files if c is not None})
+    label = {c: i for i, c in enumerate(classes)}
+    if shuffle:
+        random.Random(seed).shuffle(files)
+    jobs = [(root, rel, cls, label.get(cls) if cls is not None else None, resize) for rel, cls in files]
+    logger.info("sharding %d images (%d classes) from %s into %s", len(files), len(classes), root,
+                os.path.abspath(os.fspath(output_dir)))
+    progress = _Progress(len(jobs), "make_shards")
+    with ShardWriter(output_dir, prefix=prefix, maxcount=maxcount, maxsize=maxsize, overwrite=overwrite) as writer:
+        writer.summary.classes = classes
+        if workers > 1:
+            pool = get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers)
+            results: Iterator = pool.imap(_process, jobs, chunksize=8)
+        else:
+            pool = None
+            results = map(_process, jobs)
+        try:
+            for result in results:
+                if isinstance(result, str):
+                    writer.summary.skipped += 1
+                    logger.warning("skipping %s", result)
+                else:
+                    rel, members = result
+                    writer.write(Record(os.path.splitext(rel)[0], members))
+                progress.update()
+        finally:
+            progress.close()
+            if pool is not None:
+                pool.terminate()
+    summary = writer.summary
+    logger.info("wrote %d samples into %d shards in %s (%d files skipped)", summary.total, len(summary.shards),
+                os.path.abspath(os.fspath(output_dir)), summary.skipped)
+    return summary
+
+
+def write_records(records: Iterable[Record], output_dir: str | os.PathLike, *, maxcount: int = 1000,
+                  maxsize: int = 1 << 30, prefix: str = "shard", overwrite: bool = False,
+                  classes: list[str] | None = None) -> ShardSummary:
+    """Write in-memory samples (e.g. generated images) as shards + sizes.json."""
+    with ShardWriter(output_dir, prefix=prefix, maxcount=maxcount, maxsize=maxsize, overwrite=overwrite) as writer:
+        writer.summary.classes = list(classes or [])
+        for record in records:
+            writer.write(record)
+    return writer.summary
