@@ -394,12 +394,18 @@ def _launch_error(message: str, key: str) -> LaunchError:
     return err
 
 
-def _check_text(value: Any, key: str) -> None:
+def _check_text(value: Any, key: str, sbatch_line: bool = True) -> None:
     # Everything here ends up in the sbatch script. submitit shell-quotes values, but a line
     # break would end the #SBATCH line and start a shell command: refuse control characters.
-    if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+    # sbatch's own #SBATCH parser also takes a backslash as an escape inside quotes (unlike the
+    # shell), so a value with one would arrive changed: refuse those on #SBATCH lines too.
+    if not isinstance(value, str):
+        return
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise _launch_error(f"{value!r} contains a control character (newline, tab ...); not allowed in a "
                             "SLURM job script", key)
+    if sbatch_line and "\\" in value:
+        raise _launch_error(f"{value!r} contains a backslash, which sbatch would drop from its #SBATCH line", key)
 
 
 def check_launch(cfg: Config, local: bool = False) -> None:
@@ -424,7 +430,7 @@ def check_launch(cfg: Config, local: bool = False) -> None:
                                 f"slurm.additional_parameters.{key}")
         _check_text(value, f"slurm.additional_parameters.{key}")
     for i, line in enumerate(s.setup):
-        _check_text(line.replace("\t", " "), f"slurm.setup[{i}]")
+        _check_text(line.replace("\t", " "), f"slurm.setup[{i}]", sbatch_line=False)
     _check_text(cfg.output_dir, "output_dir")
     if "%" in cfg.output_dir:
         raise _launch_error(f"{cfg.output_dir!r} contains '%', which SLURM and submitit read as a file-name "
