@@ -268,15 +268,25 @@ class _Worker:
             logger.info("rank %d: retrying shard %s from sample %d after: %s", plan.rank, url, pos, err)
             time.sleep(min(0.2 * attempt, 2.0))
 
-    def read_segments(self, segments: Iterator[tuple[int, int, int | None]]) -> Iterator[dict]:
+    def read_segments(self, segments: Iterator[tuple[int, int, int | None]], dead: set[int]) -> Iterator[dict]:
+        """Samples of a stream of shard segments; shards in ``dead`` (failed earlier in this
+        stream) are not tried again."""
         n = len(self.plan.urls)
         failed_in_a_row = 0
         for idx, first, stop in segments:
+            if idx in dead:
+                failed_in_a_row += 1
+                if failed_in_a_row >= max(n, 3) * 4:
+                    raise DataError(f"rank {self.plan.rank}: every shard of data.train_shards failed; last error: "
+                                    f"{self.last_error}", key="data.train_shards")
+                continue
             before = self.stats["shards_failed"]
             got = False
             for sample in self.read_shard(idx, first, stop):
                 got = True
                 yield sample
+            if self.stats["shards_failed"] > before:
+                dead.add(idx)
             if self.stats["shards_failed"] > before and not got:
                 failed_in_a_row += 1
                 if failed_in_a_row >= max(n, 1) and failed_in_a_row >= 3:
@@ -311,8 +321,9 @@ class _Worker:
             return
         primary, overflow = plan.sources(epoch, worker)
         rngs = [random.Random(_mix(plan.seed, _TAG_SHUFFLE, epoch, plan.rank, worker, part)) for part in (0, 1)]
-        items = _chain(_shuffle(self.read_segments(primary), plan.shuffle_buffer, rngs[0]),
-                       _shuffle(self.read_segments(overflow), plan.shuffle_buffer, rngs[1]))
+        dead: set[int] = set()
+        items = _chain(_shuffle(self.read_segments(primary, dead), plan.shuffle_buffer, rngs[0]),
+                       _shuffle(self.read_segments(overflow, dead), plan.shuffle_buffer, rngs[1]))
         size = plan.decoder.size
         shared = get_worker_info() is not None  # batches go through shared memory: allocate there
         batch_index = done_batches

@@ -1,0 +1,217 @@
+"""Loader benchmark (``tools/bench_data.py``): images/s per worker process, side by side, on the
+same photo-like JPEGs:
+
+* ``imagefolder``: torchvision ``ImageFolder`` + ``RandomResizedCrop(224, scale=(0.2, 1),
+  bicubic)`` + ``RandomHorizontalFlip`` + ``ToTensor`` (the usual MAE recipe's loader);
+* ``maescale``: :func:`maescale.data.build_train_loader` on shards of the same images (uint8 out,
+  fast decode);
+* ``maescale_plain``: the same with ``data.fast_decode: false`` (full decode, PIL crop + resize);
+* ``raw_tar_read``: reading the shards' bytes only (the ceiling of any decoder).
+
+Each loader runs in ``workers`` DataLoader worker processes with batches of ``batch_size``; the
+first batch (worker start, shuffle-buffer fill) is not timed, and the best of ``repeats`` runs is
+kept. Images/s are divided by the number of worker processes ("per core").
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from multiprocessing import get_context
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SETS = (("500x375", 500, 375), ("2000x1500", 2000, 1500))
+
+
+def _write_image(args: tuple[str, int, int, int]) -> int:
+    from maescale.data.demo import photo_like_jpeg
+
+    path, seed, width, height = args
+    data = photo_like_jpeg(seed, width, height, quality=90)
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return len(data)
+
+
+def generate_images(root: str, count: int, width: int, height: int, *, classes: int = 4, seed: int = 0,
+                    processes: int = 1) -> int:
+    """``count`` photo-like JPEGs in ImageFolder layout below ``root``; returns total bytes."""
+    jobs = []
+    for i in range(count):
+        folder = os.path.join(root, f"class{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        jobs.append((os.path.join(folder, f"img{i:06d}.jpg"), seed * 1_000_003 + i, width, height))
+    if processes > 1:
+        with get_context("fork").Pool(processes) as pool:
+            sizes = pool.map(_write_image, jobs, chunksize=4)
+    else:
+        sizes = [_write_image(j) for j in jobs]
+    return sum(sizes)
+
+
+def _time_batches(loader_iter, batches: int) -> tuple[float, int]:
+    """Seconds and images for batches 2..batches (the first one warms up)."""
+    first = next(loader_iter)
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(batches - 1):
+        b = next(loader_iter)
+        n += (b[0] if isinstance(b, (list, tuple)) else b).shape[0]
+    return time.perf_counter() - t0, n
+
+
+def bench_imagefolder(root: str, count: int, *, img_size: int, batch_size: int, workers: int) -> float:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    tf = T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+    ])
+    ds = ImageFolder(root, transform=tf)
+    kwargs: dict[str, Any] = dict(prefetch_factor=2) if workers > 0 else {}
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, **kwargs)
+    it = iter(loader)
+    seconds, n = _time_batches(it, count // batch_size)
+    del it
+    return n / seconds / max(workers, 1)
+
+
+def bench_maescale(shards: str, count: int, *, img_size: int, batch_size: int, workers: int, fast: bool = True) -> float:
+    from maescale.config import DataConfig
+    from maescale.data import build_train_loader
+
+    cfg = DataConfig(train_shards=shards, num_workers=workers, prefetch_factor=2, shuffle_buffer=64,
+                     pin_memory=False, fast_decode=fast)
+    loader = build_train_loader(cfg, img_size=img_size, micro_batch_size=batch_size, rank=0, world_size=1, seed=0)
+    it = iter(loader)
+    seconds, n = _time_batches(it, count // batch_size)
+    loader.close()
+    return n / seconds / max(workers, 1)
+
+
+def bench_raw(shards: str) -> tuple[float, float]:
+    """(images/s, MB/s) of reading every sample's bytes from the shards, in this process."""
+    from maescale.data.sources import expand_shards
+    from maescale.data.tario import iter_samples
+
+    t0 = time.perf_counter()
+    n = nbytes = 0
+    for url in expand_shards(shards):
+        with open(url, "rb", buffering=1 << 20) as fh:
+            for _, sample in iter_samples(fh, seekable=True):
+                n += 1
+                nbytes += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+    seconds = time.perf_counter() - t0
+    return n / seconds, nbytes / seconds / 1e6
+
+
+def machine_info() -> dict[str, Any]:
+    import PIL
+    import torchvision
+    from PIL import features
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__,
+            "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
+            "libjpeg_version": features.version("jpg")}
+
+
+def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, workers: int = 1, batch_size: int = 32,
+                  img_size: int = 224, repeats: int = 2, workdir: str | None = None, keep: bool = False) -> dict[str, Any]:
+    """Generate the image sets, run every loader on them, return the results (see module doc)."""
+    from maescale.data.shards import make_shards
+
+    num_large = num_large if num_large is not None else max(batch_size * 3, num_images // 4)
+    base = workdir or tempfile.mkdtemp(prefix="maescale-bench-")
+    results: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
+        "settings": {"workers": workers, "batch_size": batch_size, "img_size": img_size, "repeats": repeats,
+                     "jpeg_quality": 90, "crop": "RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + hflip"},
+        "sets": {},
+    }
+    try:
+        for name, width, height in IMAGE_SETS:
+            count = num_images if width < 1000 else num_large
+            count = max(batch_size * 2, count // batch_size * batch_size)
+            folder = os.path.join(base, name, "folder")
+            shard_dir = os.path.join(base, name, "shards")
+            t0 = time.perf_counter()
+            total = generate_images(folder, count, width, height, processes=os.cpu_count() or 1)
+            make_shards(folder, shard_dir, maxcount=256, overwrite=True)
+            logger.info("%s: generated %d images (%.0f kB mean) in %.1fs", name, count, total / count / 1e3,
+                        time.perf_counter() - t0)
+            shards = os.path.join(shard_dir, "shard-*.tar")
+            best: dict[str, float] = {}
+            for r in range(repeats):
+                runs = {
+                    "imagefolder": lambda: bench_imagefolder(folder, count, img_size=img_size, batch_size=batch_size,
+                                                             workers=workers),
+                    "maescale": lambda: bench_maescale(shards, count, img_size=img_size, batch_size=batch_size,
+                                                       workers=workers),
+                    "maescale_plain": lambda: bench_maescale(shards, count, img_size=img_size, batch_size=batch_size,
+                                                             workers=workers, fast=False),
+                    "raw_tar_read": lambda: bench_raw(shards)[0],
+                }
+                for key, fn in runs.items():
+                    value = fn()
+                    logger.info("%s %s (run %d): %.1f images/s", name, key, r + 1, value)
+                    best[key] = max(best.get(key, 0.0), value)
+            entry = {"images": count, "width": width, "height": height, "mean_jpeg_kb": round(total / count / 1e3, 1)}
+            entry.update({k: round(v, 1) for k, v in best.items()})
+            entry["speedup_vs_imagefolder"] = round(best["maescale"] / best["imagefolder"], 2)
+            results["sets"][name] = entry
+    finally:
+        if not keep and workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    small, large = results["sets"]["500x375"], results["sets"]["2000x1500"]
+    results["targets"] = {
+        "large_3x": {"target": 3.0, "measured": large["speedup_vs_imagefolder"],
+                     "met": large["speedup_vs_imagefolder"] >= 3.0},
+        "small_1.2x": {"target": 1.2, "measured": small["speedup_vs_imagefolder"],
+                       "met": small["speedup_vs_imagefolder"] >= 1.2},
+    }
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A Markdown table of images/s per worker process."""
+    rows = ["| images | ImageFolder+RRC+ToTensor | maescale | maescale (fast_decode off) | raw tar read | speedup |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for name, e in results["sets"].items():
+        rows.append(f"| {e['images']} x {name} JPEG q90 (~{e['mean_jpeg_kb']:.0f} kB) | {e['imagefolder']:.1f} | "
+                    f"{e['maescale']:.1f} | {e['maescale_plain']:.1f} | {e['raw_tar_read']:.0f} | "
+                    f"{e['speedup_vs_imagefolder']:.2f}x |")
+    return "\n".join(rows)
+
+
+def write_json(results: dict[str, Any], path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(results, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
