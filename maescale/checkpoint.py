@@ -72,8 +72,9 @@ def _b64_tensor(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
 
 
-def capture_rng() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states, JSON-serialisable."""
+def capture_rng(mask_gen: torch.Generator | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states (and the trainer's mask generator),
+    JSON-serialisable."""
     np_state = np.random.get_state()
     state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
@@ -82,10 +83,12 @@ def capture_rng() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = _tensor_b64(torch.cuda.get_rng_state())
+    if mask_gen is not None:
+        state["mask"] = _tensor_b64(mask_gen.get_state())
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any], mask_gen: torch.Generator | None = None) -> None:
     """Inverse of :func:`capture_rng`."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -94,6 +97,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(_b64_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(_b64_tensor(state["cuda"]))
+    if mask_gen is not None and "mask" in state:
+        mask_gen.set_state(_b64_tensor(state["mask"]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     ``extra_stop_signals``: signals besides SIGTERM/SIGUSR1 that mean "checkpoint and stop"
     (the SLURM launcher adds the one submitit asks SLURM to send before the time limit).
     """
-    from maescale.data import build_train_loader, normalize_batch, remap_position
+    from maescale.data import build_train_loader, normalize_batch
     from maescale.flops import peak_flops, train_flops_per_image
     from maescale.models.presets import PRESETS
 
@@ -153,22 +153,25 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
 
     # ---- 3. resume
     step, resumed_from = 0, None
-    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # masks differ per rank
+    # Masks come from a generator of their own (per rank), so nothing else that draws random
+    # numbers (DataLoader start-up, libraries) can shift them: resume stays exact.
+    mask_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank + 1)
+    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
     if resume_path is not None:
         state = ckpt.load(engine, resume_path, universal)
         step = resumed_from = state.step
         if "old_ranks" in state.rank_state:  # a job of another size wrote it
             old = state.rank_state["old_ranks"]
             if rank < len(old):
-                restore_rng(old[rank]["rng"])
-            loader.load_state_dict(remap_position([o["data"] for o in old], rank, world))
+                restore_rng(old[rank]["rng"], mask_gen)
+            loader.load_state_dict({"ranks": [o["data"] for o in old]})  # same global position
         else:
-            restore_rng(state.rank_state["rng"])
+            restore_rng(state.rank_state["rng"], mask_gen)
             loader.load_state_dict(state.rank_state["data"])
         log.info("resumed from %s at step %d", resume_path, step)
         if "old_ranks" in state.rank_state:
             # Re-save in this job's layout at once: later resumes at this size need no conversion.
-            last_saved = _save(ckpt, engine, loader, cfg, step, total_steps, epoch=loader.epoch)
+            last_saved = _save(ckpt, engine, loader, cfg, step, total_steps, loader.epoch, mask_gen)
             log.info("checkpoint %s rewritten for %d processes", last_saved, world)
 
     # ---- 4. the loop
@@ -196,7 +199,8 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
             batch = next(data_iter)
             timer.add_data_wait(time.perf_counter() - t0)
             imgs = normalize_batch(batch.to(device, non_blocking=True), mean, std, torch.float32)
-            loss, pred, mask = engine(imgs)
+            noise = torch.rand(imgs.shape[0], model.grid_size**2, device=device, generator=mask_gen)
+            loss, pred, mask = engine(imgs, noise=noise)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()  # no host sync here; read at log time
@@ -221,7 +225,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
         stop, time_due = agree_max([int(signals.requested), int(time_due)], ctx.control_group)
         step_due = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
         if stop or time_due or step_due or step == total_steps:
-            saved = _save(ckpt, engine, loader, cfg, step, total_steps, epoch=loader.epoch)
+            saved = _save(ckpt, engine, loader, cfg, step, total_steps, loader.epoch, mask_gen)
             if saved is not None:
                 last_checkpoint = saved
                 last_save_time = time.monotonic()
@@ -293,11 +297,12 @@ def _plan_resize(cfg: Config, resume_path: Path | None, ctx: DistContext) -> tup
     return cfg, universal
 
 
-def _save(ckpt: CheckpointManager, engine, loader, cfg: Config, step: int, total_steps: int, epoch: int) -> Path | None:
+def _save(ckpt: CheckpointManager, engine, loader, cfg: Config, step: int, total_steps: int, epoch: int,
+          mask_gen: torch.Generator) -> Path | None:
     trainer_state = {"epoch": epoch, "total_steps": total_steps, "model": cfg.model.name,
                      "maescale_version": __version__, "zero_stage": cfg.deepspeed.zero_stage,
                      "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
-    rank_state = {"rng": capture_rng(), "data": loader.state_dict()}
+    rank_state = {"rng": capture_rng(mask_gen), "data": loader.state_dict()}
     try:
         return ckpt.save(engine, step, trainer_state, rank_state)
     except (OSError, CheckpointError) as exc:

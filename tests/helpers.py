@@ -16,6 +16,15 @@ import webdataset as wds
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def base_overrides(shards: str, out: Path, steps: int, **extra) -> list[str]:
+    """Overrides of configs/tiny.yaml for a short run on ``shards`` into ``out``."""
+    values = {"output_dir": str(out), "data.train_shards": shards, "data.num_samples": 96, "train.max_steps": steps,
+              "train.log_every": 1, "checkpoint.every_steps": 4, "checkpoint.keep_last": 3}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
 
 
 def write_shards(out: Path, num_images: int = 96, per_shard: int = 24, size: int = 40, seed: int = 0) -> str:
@@ -51,7 +60,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                     "MASTER_", "SLURM_"))}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
@@ -62,7 +71,7 @@ def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def run_train(config: str | Path, overrides: list[str], nproc: int = 1, env: dict[str, str] | None = None,
               timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a training to completion; raise with its output if it fails."""
-    proc = subprocess.run([*train_cmd(nproc), str(config), *overrides], cwd=REPO, env=test_env(env),
+    proc = subprocess.run([*train_cmd(nproc), str(config), *overrides], cwd=REPO, env=clean_env(env),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -73,7 +82,7 @@ def start_train(config: str | Path, overrides: list[str], nproc: int = 1, env: d
                 log_path: Path | None = None) -> subprocess.Popen:
     """Start a training in its own process group (so a signal reaches every rank, as under srun)."""
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    return subprocess.Popen([*train_cmd(nproc), str(config), *overrides], cwd=REPO, env=test_env(env),
+    return subprocess.Popen([*train_cmd(nproc), str(config), *overrides], cwd=REPO, env=clean_env(env),
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 

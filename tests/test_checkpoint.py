@@ -18,11 +18,13 @@ def test_rng_round_trip_through_json():
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    state = json.loads(json.dumps(capture_rng()))
-    a = (random.random(), np.random.rand(), torch.rand(3))
-    restore_rng(state)
-    b = (random.random(), np.random.rand(), torch.rand(3))
-    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    gen = torch.Generator().manual_seed(4)
+    gen2 = torch.Generator()
+    state = json.loads(json.dumps(capture_rng(gen)))
+    a = (random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen))
+    restore_rng(state, gen2)
+    b = (random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen2))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
 
 
 def _fake_ckpt(path):

@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
+import subprocess
+import sys
 
 import psutil
 import pytest
 
-from tests.helpers import (REPO, assert_same_weights, final_weights, logged_step, run_train, start_train, tb_images,
-                           tb_scalars, wait_for, write_shards)
+from tests.helpers import (REPO, TINY, assert_same_weights, base_overrides, final_weights, logged_step, run_train,
+                           start_train, tb_images, tb_scalars, wait_for)
 
 pytestmark = pytest.mark.slow
-
-TINY = REPO / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
-    return write_shards(tmp_path_factory.mktemp("shards"), num_images=96, per_shard=24, size=40)
-
-
-def base_overrides(shards: str, out: Path, steps: int, **extra) -> list[str]:
-    values = {"output_dir": str(out), "data.train_shards": shards, "data.num_samples": 96, "train.max_steps": steps,
-              "train.log_every": 1, "checkpoint.every_steps": 4, "checkpoint.keep_last": 3}
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_process_zero_bf16_trains(shards, tmp_path, stage):
@@ -123,8 +109,6 @@ def test_corrupt_latest_falls_back_to_previous(shards, tmp_path):
 def test_resume_false_refuses_existing_run(shards, tmp_path):
     out = tmp_path / "run"
     run_train(TINY, base_overrides(shards, out, 4))
-    import subprocess
-    import sys
     proc = subprocess.run([sys.executable, str(REPO / "tools/train.py"), str(TINY),
                            *base_overrides(shards, out, 8), "--no-resume"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "resume=false but" in proc.stderr
