@@ -20,6 +20,7 @@ import gc
 import itertools
 import logging
 import math
+import os
 import platform
 import statistics
 import time
@@ -219,6 +220,7 @@ def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224
     peak = peak_flops(dev_name, peak_tflops, "fp32" if precision == "fp32" else "bf16")
 
     step = model = imgs = None
+    res.extra["loadavg_before"] = os.getloadavg()[0]  # other work on the machine skews CPU timings
     try:
         torch.manual_seed(seed)
         model = create_model(preset, img_size=img_size, mask_ratio=mask_ratio, attn_impl=v.attn_impl,
@@ -244,6 +246,7 @@ def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224
             _sync(device)
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
+        res.extra["loadavg_after"] = os.getloadavg()[0]
         res.step_ms, res.step_ms_min, res.step_ms_max = med * 1e3, min(times) * 1e3, max(times) * 1e3
         res.repeats = repeats
         res.images_per_s = micro_batch / med
@@ -309,8 +312,10 @@ def format_results(results: list[BenchResult], env: dict | None = None) -> str:
             f"{'model TF/s':>11}{'hw TF/s':>9}{'MFU%':>6}{'HFU%':>6}{'peak GiB':>9}{'1st s':>7}")
     lines = []
     if env:
-        lines.append(f"device: {env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, "
-                     f"precision {results[0].precision if results else '?'}")
+        loads = [r.extra[k] for r in results for k in ("loadavg_before", "loadavg_after") if k in r.extra]
+        load = f", 1-min load {min(loads):.1f}-{max(loads):.1f}" if loads and env.get("device") == "cpu" else ""
+        lines.append(f"device: {env.get('device_name')} ({env.get('device')}, {env.get('cpu_threads')} threads), "
+                     f"torch {env.get('torch')}, precision {results[0].precision if results else '?'}{load}")
     lines.append(head)
     first: dict[tuple, BenchResult] = {}
     for r in results:
