@@ -11,24 +11,41 @@ The trainer uses::
         save(loader.state_dict())             # position after the last batch handed out
 
 See :mod:`maescale.data.pipeline` for what an epoch guarantees and how resuming works, and
-:mod:`maescale.data.shards` for writing shards.
+:mod:`maescale.data.shards` for writing shards. Names are imported lazily, so that the shard
+tools (``maescale.data.shards``, ``maescale.data.demo``) start without importing torch.
 """
 
-from maescale.data.decode import BadSample, Decoder, crop_box
-from maescale.data.errors import DataError
-from maescale.data.pipeline import (TooManyBadSamples, TrainLoader, build_train_loader, check_bad_fraction,
-                                    normalize_batch)
-from maescale.data.sources import expand_shards
+from __future__ import annotations
 
-__all__ = [
-    "build_train_loader",
-    "TrainLoader",
-    "normalize_batch",
-    "DataError",
-    "TooManyBadSamples",
-    "Decoder",
-    "BadSample",
-    "crop_box",
-    "expand_shards",
-    "check_bad_fraction",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "build_train_loader": "maescale.data.pipeline",
+    "TrainLoader": "maescale.data.pipeline",
+    "normalize_batch": "maescale.data.pipeline",
+    "TooManyBadSamples": "maescale.data.pipeline",
+    "check_bad_fraction": "maescale.data.pipeline",
+    "DataError": "maescale.data.errors",
+    "Decoder": "maescale.data.decode",
+    "BadSample": "maescale.data.decode",
+    "crop_box": "maescale.data.decode",
+    "expand_shards": "maescale.data.sources",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from maescale.data.decode import BadSample, Decoder, crop_box
+    from maescale.data.errors import DataError
+    from maescale.data.pipeline import (TooManyBadSamples, TrainLoader, build_train_loader, check_bad_fraction,
+                                        normalize_batch)
+    from maescale.data.sources import expand_shards
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'maescale.data' has no attribute {name!r}")

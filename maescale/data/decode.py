@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
+from maescale.data.imageops import prepare_mode, to_rgb, to_rgb_array  # noqa: F401  (to_rgb re-exported)
+
 # Keys under which a sample's image may be stored, in order of preference.
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "bmp", "tif", "tiff", "gif",
               "jpe", "jfif", "img", "image")
@@ -125,53 +127,6 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise BadSample(f"decompression bomb: {w}x{h} = {w * h} pixels is more than data.max_image_pixels="
                         f"{max_pixels}")
     return img
-
-
-def _prepare_mode(img: Image.Image) -> Image.Image:
-    """Bring a decoded image into a mode PIL can resize and we can turn into RGB cheaply:
-    one of RGB, L, RGBA, LA, CMYK. Conversions here run at full size, so only where needed."""
-    mode = img.mode
-    if mode in ("RGB", "L", "RGBA", "LA", "CMYK"):
-        return img
-    if mode == "P" or mode == "PA":
-        return img.convert("RGBA" if (mode == "PA" or "transparency" in img.info) else "RGB")
-    if mode == "1":
-        return img.convert("L")
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img)
-        if mode == "F":
-            arr = np.clip(arr, 0, 255)
-        else:
-            arr = np.clip(arr.astype(np.int64) >> 8, 0, 255)  # 16-bit range to 8 bits
-        return Image.fromarray(arr.astype(np.uint8), "L")
-    if mode == "RGBa":
-        return img.convert("RGBA")
-    if mode == "La":
-        return img.convert("LA")
-    return img.convert("RGB")  # RGBX, YCbCr, LAB, HSV, ...
-
-
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 from a resized image in one of RGB, L, RGBA, LA, CMYK."""
-    mode = img.mode
-    if mode == "RGB":
-        return np.asarray(img)
-    if mode == "L":
-        return np.repeat(np.asarray(img)[:, :, None], 3, axis=2)
-    if mode == "CMYK":
-        return np.asarray(img.convert("RGB"))
-    if mode in ("RGBA", "LA"):
-        arr = np.asarray(img)
-        color = arr[:, :, :3] if mode == "RGBA" else np.repeat(arr[:, :, :1], 3, axis=2)
-        alpha = arr[:, :, -1:].astype(np.uint16)
-        out = (color.astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255  # over white
-        return out.astype(np.uint8)
-    return np.asarray(img.convert("RGB"))
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as RGB, with the same rules as the decoder (alpha over white, 16-bit scaled)."""
-    return Image.fromarray(_to_rgb_array(_prepare_mode(img)), "RGB")
 
 
 def _draft_scale(box_w: int, box_h: int, out: int) -> int:
@@ -269,7 +224,7 @@ class Decoder:
         elif img.mode == "L":
             arr = np.asarray(img)[:, :, None]
         else:  # rare modes: to RGB at full size, same rules as the plain path
-            arr = _to_rgb_array(_prepare_mode(img))
+            arr = to_rgb_array(prepare_mode(img))
         if s == 1:
             ibox = (left, top, left + w, top + h)
         else:  # the box in the reduced image, to the nearest reduced pixel (< 1/2 output pixel)

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from maescale.data.decode import to_rgb
+from maescale.data.imageops import to_rgb
 
 logger = logging.getLogger(__name__)
 
