@@ -29,11 +29,11 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
     from maescale.checkpoint import CheckpointError
     from maescale.data import DataError
     from maescale.distributed import shutdown
-    from maescale.train import main
+    from maescale.train import TrainingDiverged, main
 
     try:
         result = main(cfg)
-    except (CheckpointError, DataError, ValueError) as exc:
+    except (CheckpointError, DataError, TrainingDiverged, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -1,8 +1,8 @@
 """Fault injection for reliability tests: named points in the code that can sleep or fail.
 
 Set ``MAESCALE_FAULTS`` to a comma-separated list of ``point[@step]=action`` where action is
-``sleep:SECONDS``, ``oserror`` (raise ``OSError(ENOSPC)``) or ``exit`` (``os._exit(1)``, a crash
-with no clean-up). Example: ``MAESCALE_FAULTS="checkpoint.before_commit@10=sleep:60"`` pauses
+``sleep:SECONDS``, ``oserror`` (raise ``OSError(ENOSPC)``), ``exit`` (``os._exit(1)``, a crash
+with no clean-up) or, for ``train.batch``, ``nan`` (the batch becomes NaN: see :func:`maybe_poison`). Example: ``MAESCALE_FAULTS="checkpoint.before_commit@10=sleep:60"`` pauses
 the save of step 10 after every rank has written, before the manifest and rename, so a test can
 SIGKILL the job in the middle of a checkpoint. Unset (always, in real runs) it costs nothing.
 """
@@ -26,13 +26,25 @@ def _parse(spec: str) -> dict[tuple[str, int | None], str]:
     return rules
 
 
-def fault_point(name: str, step: int | None = None) -> None:
-    """Run the action configured for ``name`` (at ``step``), if any."""
+def _action(name: str, step: int | None) -> str | None:
     spec = os.environ.get("MAESCALE_FAULTS")
     if not spec:
-        return
+        return None
     rules = _parse(spec)
-    action = rules.get((name, step)) or rules.get((name, None))
+    return rules.get((name, step)) or rules.get((name, None))
+
+
+def maybe_poison(batch, step: int):
+    """The batch, or a NaN copy of it when ``train.batch@STEP=nan`` is configured."""
+    if _action("train.batch", step) == "nan":
+        log.warning("fault injection: NaN batch at step %d", step)
+        return batch * float("nan")
+    return batch
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """Run the action configured for ``name`` (at ``step``), if any."""
+    action = _action(name, step)
     if action is None:
         return
     log.warning("fault injection: %s at step %s -> %s", name, step, action)

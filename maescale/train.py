@@ -28,7 +28,7 @@ from maescale.checkpoint import (CheckpointError, CheckpointManager, capture_rng
                                  load_pretrained_into, prepare_universal, read_trainer_state, restore_rng)
 from maescale.config import Config, deep_merge
 from maescale.distributed import DistContext, agree_max, init_distributed
-from maescale.faults import fault_point
+from maescale.faults import fault_point, maybe_poison
 from maescale.engine import build_engine, effective_batch, make_schedule, set_lr
 from maescale.metrics import StepTimer, TensorBoardLogger, reconstruction_grid, save_png
 from maescale.models import build_model
@@ -48,6 +48,10 @@ class TrainResult:
     last_checkpoint: Path | None
     resumed_from: int | None  # step of the checkpoint this call started from
     last_loss: float | None
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients."""
 
 
 class StopSignals:
@@ -187,6 +191,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     last_checkpoint: Path | None = resume_path
     loss_sum = torch.zeros((), device=device)
     loss_count, last_loss, status = 0, None, "finished"
+    nonfinite_streak = nonfinite_total = 0
     data_iter = iter(loader)
     imgs = pred = mask = None  # the last micro-batch, for the final reconstruction picture
     batch_images = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
@@ -199,6 +204,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
             batch = next(data_iter)
             timer.add_data_wait(time.perf_counter() - t0)
             imgs = normalize_batch(batch.to(device, non_blocking=True), mean, std, torch.float32)
+            imgs = maybe_poison(imgs, step + 1)  # fault injection for tests; a no-op in real runs
             noise = torch.rand(imgs.shape[0], model.grid_size**2, device=device, generator=mask_gen)
             loss, pred, mask = engine(imgs, noise=noise)
             engine.backward(loss)
@@ -207,6 +213,18 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
             loss_count += 1
         step += 1
         fault_point("train.after_step", step)
+        if engine.was_step_applied():
+            nonfinite_streak = 0
+        else:  # DeepSpeed found non-finite gradients and skipped the update
+            nonfinite_streak, nonfinite_total = nonfinite_streak + 1, nonfinite_total + 1
+            log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, %d in total)",
+                        step, nonfinite_streak, nonfinite_total)
+            tb.scalars(step, {"train/nonfinite_steps": float(nonfinite_total)})
+            if nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"{nonfinite_streak} consecutive steps had non-finite loss or gradients (train.max_nonfinite_steps="
+                    f"{cfg.train.max_nonfinite_steps}); stopping. The last good checkpoint is {last_checkpoint}; "
+                    "lower optim.blr, set optim.grad_clip, or check the data")
         timer.add_step(batch_images)
         if bar is not None:
             bar.update(1)

@@ -70,4 +70,4 @@ def test_deepspeed_json_from_config():
     assert ds["zero_optimization"]["overlap_comm"] is True
     assert ds["flops_profiler"] == {"enabled": True}
     fp32 = deepspeed_config(load_config(REPO / "configs/tiny.yaml"), world_size=1)
-    assert fp32["bf16"]["enabled"] is False and fp32["zero_optimization"]["stage"] == 0
+    assert fp32["bf16"]["enabled"] is False and fp32["zero_optimization"]["stage"] == 1
