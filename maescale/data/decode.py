@@ -174,6 +174,7 @@ class Decoder:
         self.hflip_prob = float(hflip_prob)
         self.fast = fast
         self.max_pixels = int(max_pixels)
+        self.partial_decode = True  # fast path: stop decoding JPEGs below the crop box
 
     def draw(self, rng: random.Random, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
         """The random parameters of one sample: the crop box ``(top, left, h, w)`` and the flip."""
@@ -186,7 +187,7 @@ class Decoder:
         img = _open(data, self.max_pixels)
         box, flip = self.draw(rng, *img.size)
         try:
-            out = self._fast(img, box) if self.fast else self._plain(img, box)
+            out = self._fast(img, box, data) if self.fast else self._plain(img, box)
         except BadSample:
             raise
         except Exception as exc:  # truncated data, broken streams, odd modes
@@ -196,7 +197,7 @@ class Decoder:
     def decode_box(self, data: bytes, box: tuple[int, int, int, int], fast: bool | None = None) -> torch.Tensor:
         """Decode with a given box ``(top, left, h, w)`` and no flip (to compare the paths)."""
         img = _open(data, self.max_pixels)
-        return self._fast(img, box) if (self.fast if fast is None else fast) else self._plain(img, box)
+        return self._fast(img, box, data) if (self.fast if fast is None else fast) else self._plain(img, box)
 
     def _plain(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
         """Reference: exactly torchvision's ``F.resized_crop`` on the RGB PIL image."""
@@ -205,10 +206,11 @@ class Decoder:
         out = rgb.crop((left, top, left + w, top + h)).resize((self.size, self.size), self.resample)
         return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
 
-    def _fast(self, img: Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+    def _fast(self, img: Image.Image, box: tuple[int, int, int, int], data: bytes | None = None) -> torch.Tensor:
         top, left, h, w = box
         s = 1
-        if img.format in ("JPEG", "MPO"):
+        jpeg = img.format == "JPEG"
+        if jpeg:
             want = _draft_scale(w, h, self.size)
             if want > 1:
                 width, height = img.size
@@ -218,22 +220,60 @@ class Decoder:
                         if -(-width // cand) == img.size[0] and -(-height // cand) == img.size[1]:
                             s = cand
                             break
-        img.load()
+        W, H = img.size
+        if s == 1:
+            ibox = (left, top, left + w, top + h)
+        else:  # the box in the reduced image, to the nearest reduced pixel (< 1/2 output pixel)
+            x0, y0 = min(round(left / s), W - 1), min(round(top / s), H - 1)
+            x1 = min(max(round((left + w) / s), x0 + 1), W)
+            y1 = min(max(round((top + h) / s), y0 + 1), H)
+            ibox = (x0, y0, x1, y1)
+        if jpeg and data is not None and self.partial_decode:
+            img = _load_rows(img, ibox[3], data, s)
+        else:
+            img.load()
         if img.mode == "RGB":
             arr = np.asarray(img)
         elif img.mode == "L":
             arr = np.asarray(img)[:, :, None]
         else:  # rare modes: to RGB at full size, same rules as the plain path
             arr = to_rgb_array(prepare_mode(img))
-        if s == 1:
-            ibox = (left, top, left + w, top + h)
-        else:  # the box in the reduced image, to the nearest reduced pixel (< 1/2 output pixel)
-            H, W = arr.shape[:2]
-            x0, y0 = min(round(left / s), W - 1), min(round(top / s), H - 1)
-            x1 = min(max(round((left + w) / s), x0 + 1), W)
-            y1 = min(max(round((top + h) / s), y0 + 1), H)
-            ibox = (x0, y0, x1, y1)
         out = _resize_chw(arr, ibox, self.size, _TORCH_MODE[self.interpolation])
         if out.shape[0] == 1:
             out = out.expand(3, -1, -1).contiguous()
         return out
+
+
+def _load_rows(img: Image.Image, rows: int, data: bytes, scale: int) -> Image.Image:
+    """Decode only the first ``rows`` rows of a JPEG: libjpeg decodes top to bottom, so the rows
+    below the crop box cost nothing. PIL's decoder, told the image has ``rows`` rows (the same kind
+    of tile edit ``draft()`` makes), stops there and then reports a broken stream for the rows it
+    was not asked for; the rows it wrote are exactly those of a full decode. A genuine fatal error
+    would leave the last row unwritten (zero); then, or if PIL's internals differ from what we
+    expect, the image is decoded again in full, so the result is never worse than a plain load."""
+    width, height = img.size
+    if rows >= height - 8 or len(img.tile) != 1:
+        img.load()
+        return img
+    try:
+        tile = img.tile[0]
+        img.tile = [tile._replace(extents=(0, 0, width, rows))]
+        img._size = (width, rows)
+    except Exception:  # another PIL: no partial decode
+        return _reload(data, scale)
+    try:
+        img.load()
+    except OSError as exc:
+        if "broken data stream" not in str(exc) or getattr(img, "_im", None) is None:
+            raise  # truncated before our rows, or another error: a bad sample
+        if not np.asarray(img)[rows - 1].any():
+            return _reload(data, scale)
+    return img
+
+
+def _reload(data: bytes, scale: int) -> Image.Image:
+    img = Image.open(io.BytesIO(data), formats=("JPEG",))
+    if scale > 1:
+        img.draft(None, (max(1, img.size[0] // scale), max(1, img.size[1] // scale)))
+    img.load()
+    return img

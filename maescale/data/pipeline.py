@@ -73,7 +73,7 @@ from maescale.data.decode import BadSample, Decoder, image_bytes, set_max_image_
 from maescale.data.errors import DataError
 from maescale.data.sources import (default_sizes_file, expand_shards, is_local, open_url, shard_name,
                                    shard_sizes)
-from maescale.data.tario import TarFormatError, iter_samples
+from maescale.data.tario import iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,9 @@ class _Worker:
                         logger.warning("rank %d: shard %s ended after %d samples; the sizes file says %d",
                                        plan.rank, url, pos, stop)
                     return
-                except (OSError, TarFormatError, ValueError, EOFError) as exc:
+                except DataError:
+                    raise
+                except Exception as exc:  # I/O errors, corrupt or truncated tars: retry, then skip
                     err = exc
                 finally:
                     stream.close()
@@ -480,6 +482,7 @@ class TrainLoader:
             "micro_batch_size": p.batch_size,
             "seed": p.seed,
             "samples_per_epoch": p.samples_per_epoch,
+            "shuffle_buffer": p.shuffle_buffer,
             "shards": self._fingerprint(),
         }
 
@@ -511,6 +514,7 @@ class TrainLoader:
         same_layout = (state["world_size"] == p.world_size and state["num_workers"] == p.num_workers
                        and state["micro_batch_size"] == p.batch_size and state["seed"] == p.seed
                        and state["samples_per_epoch"] == p.samples_per_epoch
+                       and state.get("shuffle_buffer") == p.shuffle_buffer
                        and state["shards"] == self._fingerprint())
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if same_layout:
@@ -533,10 +537,11 @@ class TrainLoader:
             self._consumed = [(nb // w + (1 if i < nb % w else 0)) * p.batch_size for i in range(w)]
             logger.warning(
                 "rank %d: the data loader state was saved with a different layout (world size %s, workers %s, "
-                "micro batch %s, seed %s, samples/epoch %s, shards %s; now %d, %d, %d, %d, %d, %s): resuming "
-                "at epoch %d batch %d/%d, not sample-exact", p.rank, state["world_size"], state["num_workers"],
-                state["micro_batch_size"], state["seed"], state["samples_per_epoch"], state["shards"],
-                p.world_size, p.num_workers, p.batch_size, p.seed, p.samples_per_epoch, self._fingerprint(),
+                "micro batch %s, seed %s, samples/epoch %s, shuffle buffer %s, shards %s; now %d, %d, %d, %d, %d, "
+                "%d, %s): resuming at epoch %d batch %d/%d, not sample-exact", p.rank, state["world_size"],
+                state["num_workers"], state["micro_batch_size"], state["seed"], state["samples_per_epoch"],
+                state.get("shuffle_buffer"), state["shards"], p.world_size, p.num_workers, p.batch_size, p.seed,
+                p.samples_per_epoch, p.shuffle_buffer, self._fingerprint(),
                 self._epoch, self._batch, p.batches_per_epoch)
 
     # ---- statistics -----------------------------------------------------------------------

@@ -127,11 +127,10 @@ class MemberReader:
             if header == b"\0" * BLOCK:
                 return
             stored = _octal(header[148:156], "checksum")
-            unsigned = sum(header[:148]) + 256 + sum(header[156:])
-            signed = sum((b - 256 if b > 127 else b) for b in header[:148]) + 256 + \
-                sum((b - 256 if b > 127 else b) for b in header[156:])
-            if stored not in (unsigned, signed):
-                raise TarFormatError("corrupt tar header (bad checksum)")
+            if stored != sum(header) - sum(header[148:156]) + 256:  # the field counts as 8 spaces
+                signed = sum((b - 256 if b > 127 else b) for i, b in enumerate(header) if not 148 <= i < 156) + 256
+                if stored != signed:  # some old writers sum signed bytes
+                    raise TarFormatError("corrupt tar header (bad checksum)")
             size = _octal(header[124:136], "size")
             kind = header[156:157]
             name = _name(header[0:100])

@@ -205,3 +205,25 @@ def test_tiny_images_are_upsampled():
         for fast in (True, False):
             out = Decoder(8, fast=fast)(data, random.Random(0))
             assert out.shape == (3, 8, 8) and out[:, 4, 4].tolist() == [9, 99, 199]
+
+
+def test_partial_jpeg_decode_is_exact():
+    data = photo_like_jpeg(7, 800, 600)
+    progressive = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(progressive, "JPEG", quality=90, progressive=True)
+    for blob in (data, progressive.getvalue()):
+        for box in [(0, 0, 100, 120), (50, 200, 300, 300), (10, 10, 500, 700), (100, 300, 450, 480)]:
+            a, b = Decoder(64), Decoder(64)
+            b.partial_decode = False
+            assert torch.equal(a.decode_box(blob, box), b.decode_box(blob, box))
+
+
+def test_fast_path_needs_only_the_bytes_down_to_the_crop():
+    data = photo_like_jpeg(8, 640, 480)
+    cut = data[: int(len(data) * 0.7)]
+    box = (0, 0, 120, 160)  # top rows only
+    assert Decoder(32).decode_box(cut, box).shape == (3, 32, 32)
+    with pytest.raises(Exception):
+        Decoder(32, fast=False).decode_box(cut, box)  # the plain path decodes everything
+    with pytest.raises(BadSample, match="truncated"):
+        Decoder(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))(cut, random.Random(0))  # a crop down to the bottom
