@@ -359,10 +359,10 @@ def _check_fits(src: Source, what: str) -> None:
     own = _meta_model(src.model_name, src.img_size, src.patch_size, src.in_chans).state_dict()
     if not src.has_decoder:
         own = {k: v for k, v in own.items() if not k.startswith(DECODER_KEYS)}
-    problems = [f"{k} missing" for k in own if k not in src.state]
+    problems = [f"{k}: weights {tuple(src.state[k].shape)} vs model {tuple(v.shape)}"
+                for k, v in own.items() if k in src.state and src.state[k].shape != v.shape]
+    problems += [f"{k} missing" for k in own if k not in src.state]
     problems += [f"unexpected {k}" for k in src.state if k not in own]
-    problems += [f"{k}: weights {tuple(src.state[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in own.items() if k in src.state and src.state[k].shape != v.shape]
     if problems:
         more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
         raise ExportError(f"the weights of {src.path} do not match {what}: {'; '.join(problems[:6])}{more}")

@@ -18,8 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from maescale.export import BF16_RTOL, FP32_RTOL, MIN_COSINE
-
     parser = argparse.ArgumentParser(
         prog="tools/export_encoder.py",
         description="Export the encoder of an MAE run/checkpoint/.pth as {'model': state_dict} with timm "
@@ -38,10 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                        "(e.g. 16 for a /14 model on a /16 detector)")
     parser.add_argument("--model", help="model preset of a .pth file (default: inferred from its shapes)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                        help=f"load the file into timm and compare features (float32: {FP32_RTOL:g} relative, "
-                             f"bfloat16: {BF16_RTOL:g}; resampled: cosine >= --min-cosine) (default: on)")
-    parser.add_argument("--min-cosine", type=float, default=MIN_COSINE,
-                        help=f"threshold of the resampling check (default: {MIN_COSINE})")
+                        help="load the written file into timm and compare its features with maescale's encoder "
+                             "(tolerances: see maescale/export.py; they are recorded in FILE.json) (default: on)")
+    parser.add_argument("--min-cosine", type=float,
+                        help="threshold of the resampling check's cosine similarities (default: "
+                             "maescale.export.MIN_COSINE, 0.95)")
     parser.add_argument("--device", default="cpu", help="device for verification, e.g. cuda (default: cpu)")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
@@ -52,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = export_encoder(args.source, args.output, step=args.step, fmt=args.fmt, dtype=args.dtype,
                                 img_size=args.img_size, patch_size=args.patch_size, verify=args.verify,
-                                force=args.force, model=args.model, device=args.device, min_cosine=args.min_cosine)
+                                force=args.force, model=args.model, device=args.device,
+                                **({} if args.min_cosine is None else {"min_cosine": args.min_cosine}))
     except (ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
