@@ -278,6 +278,8 @@ class TrainJob:
         # From here on a second signal must not re-enter submitit's handler.
         for sig in {signal.SIGTERM, signal.SIGUSR1, usr_sig}:
             signal.signal(sig, _ignore_late_signal)
+        log.info("stopped at step %d with a checkpoint; handing over to submitit to requeue job %s (its log line "
+                 "names %s whichever signal SLURM sent)", result.step, job_id, signal.Signals(usr_sig).name)
         try:
             # submitit's own path: timed-out or preempted?, self.checkpoint(), re-pickle, requeue, exit.
             handler(usr_sig, None)

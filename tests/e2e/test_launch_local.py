@@ -1,9 +1,11 @@
-"""End to end: ``tools/submit.py --local`` runs the real job through submitit's LocalExecutor.
+"""End to end: ``tools/submit.py --local`` runs the real job (2 processes) through submitit's LocalExecutor.
 
-A preemption (SIGTERM to the job, which submitit's local controller forwards to every task, as
-slurmstepd does) makes the training checkpoint at a step boundary; rank 0 requeues through
-submitit's handler; the controller restarts the tasks, which resume and finish with exactly the
-parameters of an uninterrupted run.
+The job is interrupted twice: first preempted (SIGTERM to the job, which submitit's local
+controller forwards to every task, as slurmstepd does), then, once it has resumed, given the
+time-limit signal (SIGUSR2 to every task, what ``--signal=USR2@N`` sends). Each time the
+training checkpoints at a step boundary, rank 0 requeues through submitit's own handler, the
+controller restarts the tasks, and they resume; the run finishes with exactly the parameters of
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import REPO, assert_same_weights, final_weights, logged_step, run_train, wait_for, write_shards
@@ -23,7 +26,7 @@ from tests.helpers import REPO, assert_same_weights, final_weights, logged_step,
 pytestmark = pytest.mark.slow
 
 TINY = REPO / "configs" / "tiny.yaml"
-STEPS = 14
+STEPS = 12
 
 
 def job_env(extra: dict[str, str]) -> dict[str, str]:
@@ -39,7 +42,12 @@ def overrides(shards: str, out: Path) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def test_local_job_preempted_requeues_and_resumes_exactly(tmp_path):
+def requeue_history(out: Path) -> list[dict]:
+    path = out / "slurm" / "requeues.json"
+    return json.loads(path.read_text())["history"] if path.exists() else []
+
+
+def test_local_job_preempted_and_timed_out_resumes_exactly(tmp_path):
     shards = write_shards(tmp_path / "shards", num_images=96, per_shard=24, size=40)
     ref = tmp_path / "ref"
     run_train(TINY, overrides(shards, ref), nproc=2)
@@ -49,31 +57,42 @@ def test_local_job_preempted_requeues_and_resumes_exactly(tmp_path):
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "submit.py"), "--local", "--gpus-per-node", "2",
                                  str(TINY), *overrides(shards, out)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=job_env({"MAESCALE_FAULTS": "train.after_step=sleep:0.1"}),
+                                env=job_env({"MAESCALE_FAULTS": "train.after_step=sleep:0.05"}),
                                 start_new_session=True)
     try:
-        wait_for(lambda: logged_step(out) >= 5, what="step 5", proc=proc, timeout=120)
-        # The job id the CLI printed is the local controller's pid: SIGTERM there reaches every task.
+        wait_for(lambda: logged_step(out) >= 3, what="step 3", proc=proc, timeout=120)
+        # The job id the CLI printed is the local controller's pid.
         job_id = int(re.search(r"started local job (\d+)", log_path.read_text()).group(1))
-        os.kill(job_id, signal.SIGTERM)
+        first_tasks = psutil.Process(job_id).children()
+        assert len(first_tasks) == 2
+        os.kill(job_id, signal.SIGTERM)  # preemption: the controller forwards SIGTERM to every task
+
+        wait_for(lambda: len(requeue_history(out)) == 1, what="first requeue", proc=proc, timeout=60)
+        first_stop = requeue_history(out)[0]["step"]
+        wait_for(lambda: logged_step(out) >= first_stop + 2, what="steps after the resume", proc=proc, timeout=120)
+        tasks = psutil.Process(job_id).children()
+        assert len(tasks) == 2 and not {t.pid for t in tasks} & {t.pid for t in first_tasks}
+        for task in tasks:  # time limit: SLURM signals every task itself
+            task.send_signal(signal.SIGUSR2)
+
         assert proc.wait(timeout=150) == 0, log_path.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    printed = log_path.read_text()
-    assert f"finished {STEPS} steps" in printed
+    assert f"finished {STEPS} steps" in log_path.read_text()
 
     requeues = json.loads((out / "slurm" / "requeues.json").read_text())
-    assert requeues["job_id"] == str(job_id) and requeues["requeues"] == 1
-    stopped_at = requeues["history"][0]["step"]
-    assert 5 <= stopped_at < STEPS
+    assert requeues["job_id"] == str(job_id) and requeues["requeues"] == 2
+    stops = [h["step"] for h in requeues["history"]]
+    assert 3 <= stops[0] < stops[1] < STEPS, stops
     log = (out / "logs" / "train.log").read_text()
-    assert f"stop signal received: checkpoint at step {stopped_at} written" in log
-    assert f"requeueing job {job_id} (requeue 1/3); it will resume from step {stopped_at}" in log
-    assert f"resuming from step {stopped_at}, requeue 1/3 (job {job_id}" in log
-    assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in log
+    for n, step in enumerate(stops, start=1):
+        assert f"stop signal received: checkpoint at step {step} written" in log
+        assert f"requeueing job {job_id} (requeue {n}/3); it will resume from step {step}" in log
+        assert f"resuming from step {step}, requeue {n}/3 (job {job_id}" in log
+        assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'} at step {step}" in log
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
-    # submitit recorded rank 1's return of the first run and both results of the last one
+    # submitit recorded both ranks' results of the last run (rank 1's earlier ones are overwritten)
     assert sorted(p.name for p in (out / "slurm").glob("*_result.pkl")) == [f"{job_id}_0_result.pkl",
                                                                            f"{job_id}_1_result.pkl"]
     assert_same_weights(final_weights(ref), final_weights(out))
