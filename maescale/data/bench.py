@@ -151,6 +151,7 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
         "settings": {"workers": workers, "batch_size": batch_size, "img_size": img_size, "repeats": repeats,
                      "jpeg_quality": 90, "crop": "RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) + hflip"},
         "sets": {},
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],  # other work on the machine
     }
     try:
         for name, width, height in IMAGE_SETS:
@@ -165,6 +166,7 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
                         time.perf_counter() - t0)
             shards = os.path.join(shard_dir, "shard-*.tar")
             best: dict[str, float] = {}
+            runs_log: dict[str, list[float]] = {}
             for r in range(repeats):
                 runs = {
                     "imagefolder": lambda: bench_imagefolder(folder, count, img_size=img_size, batch_size=batch_size,
@@ -179,9 +181,12 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
                     value = fn()
                     logger.info("%s %s (run %d): %.1f images/s", name, key, r + 1, value)
                     best[key] = max(best.get(key, 0.0), value)
+                    runs_log.setdefault(key, []).append(round(value, 1))
             entry = {"images": count, "width": width, "height": height, "mean_jpeg_kb": round(total / count / 1e3, 1)}
             entry.update({k: round(v, 1) for k, v in best.items()})
             entry["speedup_vs_imagefolder"] = round(best["maescale"] / best["imagefolder"], 2)
+            entry["runs"] = runs_log  # every run, images/s per worker process (the table shows the best)
+            entry["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             results["sets"][name] = entry
     finally:
         if not keep and workdir is None:

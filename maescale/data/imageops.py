@@ -55,4 +55,6 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image as RGB, with the same rules as the decoder (alpha over white, 16-bit scaled)."""
+    if img.mode == "RGB":
+        return img
     return Image.fromarray(to_rgb_array(prepare_mode(img)), "RGB")
