@@ -252,6 +252,16 @@ class CheckpointManager:
                 raise error
             raise CheckpointError(f"another rank failed while writing checkpoint {tag}; 'latest' is unchanged")
         fault_point("checkpoint.before_commit", step)
+        # Every rank checksums a share of the files (a ViT-H checkpoint is ~10 GB: rank 0 alone
+        # would re-read all of it while the job waits), then rank 0 writes the manifest.
+        try:
+            self._checksum_share(partial)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        if agree_max([1 if error else 0], self.group)[0]:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"another rank failed to checksum checkpoint {tag}; 'latest' is unchanged")
         if self.rank == 0:
             try:
                 self._commit(partial, final)
@@ -267,12 +277,23 @@ class CheckpointManager:
             log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, _dir_bytes(final) / 1e6)
         return final
 
+    def _checksum_share(self, partial: Path) -> None:
+        names = sorted(str(f.relative_to(partial)) for f in partial.rglob("*")
+                       if f.is_file() and not f.name.startswith(".crc_"))
+        mine = {n: {"size": (partial / n).stat().st_size, "crc32": file_crc32(partial / n)}
+                for i, n in enumerate(names) if i % self.world_size == self.rank}
+        write_json_atomic(partial / f".crc_{self.rank:05d}.json", mine)
+
     def _commit(self, partial: Path, final: Path) -> None:
-        files = {}
-        for f in sorted(partial.rglob("*")):
-            if f.is_file():
-                rel = str(f.relative_to(partial))
-                files[rel] = {"size": f.stat().st_size, "crc32": file_crc32(f)}
+        files: dict[str, Any] = {}
+        for r in range(self.world_size):
+            share = partial / f".crc_{r:05d}.json"
+            files.update(json.loads(share.read_text()))
+            share.unlink()
+        on_disk = {str(f.relative_to(partial)) for f in partial.rglob("*") if f.is_file()}
+        if on_disk != set(files):
+            raise CheckpointError(f"checkpoint {partial}: files changed while it was checksummed: "
+                                  f"{sorted(on_disk ^ set(files))[:5]}")
         expected = {f"rank_{r:05d}.json" for r in range(self.world_size)} | {TRAINER_STATE}
         missing = expected - set(files)
         if missing:

@@ -31,7 +31,7 @@ PRESETS: dict[str, MAEArch] = {
     # For tests: a handful of milliseconds per step on one CPU core.
     "mae_vit_tiny_patch4": MAEArch(4, 64, 2, 2, 32, 1, 2),
     # For the CPU demo: small enough to learn visibly in minutes on two cores.
-    "mae_vit_mini_patch8": MAEArch(8, 192, 6, 3, 128, 2, 4),
+    "mae_vit_mini_patch8": MAEArch(8, 128, 4, 4, 96, 2, 3),
     # The MAE paper's sizes (He et al. 2021, Table/Appendix A.1): decoder 512 wide, 8 blocks.
     "mae_vit_base_patch16": MAEArch(16, 768, 12, 12, 512, 8, 16, timm_name="vit_base_patch16_224"),
     "mae_vit_large_patch16": MAEArch(16, 1024, 24, 16, 512, 8, 16, timm_name="vit_large_patch16_224"),
