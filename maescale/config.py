@@ -224,9 +224,13 @@ def load_yaml_with_bases(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) 
         chain = " -> ".join(str(p) for p in (*_seen, resolved))
         raise ConfigError(f"'base:' inheritance loops: {chain}", key="base")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top, got {type(data).__name__}")
     bases = data.pop("base", None)
