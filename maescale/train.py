@@ -48,6 +48,7 @@ class TrainResult:
     last_checkpoint: Path | None
     resumed_from: int | None  # step of the checkpoint this call started from
     last_loss: float | None
+    stop_signals: tuple[int, ...] = ()  # every stop signal this process received, in order
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,6 +62,7 @@ class StopSignals:
 
     def __init__(self, enabled: bool, extra: Sequence[int] = ()):
         self.received: int | None = None
+        self.history: list[int] = []  # all of them: the launcher requeues only on its own signal
         self._previous: dict[int, Any] = {}
         if enabled:
             for sig in (*self.SIGNALS, *extra):
@@ -68,6 +70,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
+        self.history.append(signum)
 
     @property
     def requested(self) -> bool:
@@ -263,7 +266,8 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
                  step, last_checkpoint, tb.log_dir, png)
     tb.close()
     signals.restore()
-    return TrainResult(status, rank, step, total_steps, out, last_checkpoint, resumed_from, last_loss)
+    return TrainResult(status, rank, step, total_steps, out, last_checkpoint, resumed_from, last_loss,
+                       tuple(signals.history))
 
 
 # --------------------------------------------------------------------------------------------
