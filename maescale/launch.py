@@ -16,7 +16,7 @@ The job (every task runs ``TrainJob.__call__``)
     variables (or from the local executor's), then ``maescale.train.main`` runs exactly as under
     ``tools/train.py``. Resuming is automatic: the run directory has ``checkpoints/latest``.
 
-What happens on preemption or at the time limit (the order matters)
+What happens at the time limit or on preemption (the order matters)
     1. ``submitit.core.submission.process_job`` starts in every task and, before calling the
        job, installs submitit's handlers: SIGUSR2 -> ``SignalHandler.checkpoint_and_try_requeue``,
        SIGTERM and SIGCONT -> ``bypass`` (log only).
@@ -25,23 +25,29 @@ What happens on preemption or at the time limit (the order matters)
        otherwise; passed as ``extra_stop_signals``). Those handlers only set a flag: nothing is
        saved inside a signal handler.
     3. SLURM signals every task: SIGUSR2 ``signal_delay_s`` before the time limit
-       (``--signal=USR2@N`` without ``B:`` goes to all tasks, not to the batch shell), or
-       SIGTERM when the job is preempted (then SIGKILL after the partition's ``GraceTime``).
+       (``--signal=USR2@N`` without ``B:`` goes to all tasks, not to the batch shell), and also
+       on preemption where the site sets ``PreemptParameters=send_user_signal``; SIGTERM when the
+       job is preempted otherwise or cancelled (``scancel``), then SIGKILL after ``GraceTime`` /
+       ``KillWait``.
     4. At the next step boundary the ranks agree (max over a CPU all-reduce) to stop, every
        rank writes its part of the checkpoint, rank 0 commits it (``latest``), and ``main``
-       restores the previous handlers (submitit's again) and returns ``status="preempted"``.
-    5. Ranks other than 0 return their result (submitit records it; the requeue overwrites it).
-       Rank 0 ignores further SIGTERM/SIGUSR1/SIGUSR2 from now on and calls submitit's own
-       ``checkpoint_and_try_requeue`` (the handler object installed in step 1, which holds the
-       job's start time and timeout budget). submitit decides "timed-out" or "preempted", calls
-       :meth:`TrainJob.checkpoint` (which enforces ``slurm.max_requeues``, counts the requeue
-       in ``output_dir/slurm/requeues.json`` and returns the same job with ``resume=true``),
-       re-pickles it over the submitted pickle, runs ``scontrol requeue $SLURM_JOB_ID`` (which
-       stops every task of this run) and exits. The local executor instead exits with code 144,
-       on which its controller restarts the tasks.
+       restores the previous handlers (submitit's again) and returns ``status="preempted"``
+       with the signals it got (``TrainResult.stop_signals``).
+    5. Ranks other than 0 return their result (submitit records it; a requeue overwrites it).
+       Rank 0, if submitit's signal was among them, ignores further SIGTERM/SIGUSR1/SIGUSR2
+       from then on and calls submitit's own ``checkpoint_and_try_requeue`` (the handler
+       object installed in step 1, which holds the job's start time and timeout budget).
+       submitit decides "timed-out" or "preempted", calls :meth:`TrainJob.checkpoint` (which
+       enforces ``slurm.max_requeues``, counts the requeue in ``output_dir/slurm/requeues.json``
+       and returns the same job with ``resume=true``), re-pickles it over the submitted pickle,
+       runs ``scontrol requeue $SLURM_JOB_ID`` (which stops every task of this run) and exits.
+       The local executor instead exits with code 144, on which its controller restarts the
+       tasks. After SIGTERM alone rank 0 does not requeue, as submitit does not: that is
+       ``scancel`` (which must stop the job), or a preemption that SLURM requeues by itself
+       (``PreemptMode=REQUEUE`` with ``--requeue``); either way the checkpoint is on disk.
     6. SLURM starts the same job id again; the sbatch script runs the new pickle; ``main``
        resumes from ``latest``; rank 0 logs ``resuming from step S, requeue k/N``.
-    A signal that arrives before ``main`` has installed its handlers (while the model and the
+    A SIGUSR2 that arrives before ``main`` has installed its handlers (while the model and the
     data loader are being built) or after it returned goes straight to submitit's handler, which
     requeues without a new save: the job resumes from the last periodic checkpoint, which is all
     there is. With ``checkpoint.on_signal=false`` the same happens at any time.
@@ -81,7 +87,8 @@ from maescale.config import Config, ConfigError, config_from_dict, load_yaml_wit
 log = logging.getLogger("maescale.launch")
 
 #: Exit code of ``tools/train.py`` (every rank) when training stopped on a signal after saving a
-#: checkpoint: "preempted, requeue me". ``slurm/train.sbatch`` requeues the job on it.
+#: checkpoint ("preempted": resumable). ``slurm/train.sbatch`` requeues the job on it, unless its
+#: batch shell got SIGTERM too (scancel, or a preemption SLURM requeues by itself).
 EXIT_PREEMPTED = 3
 
 REQUEUE_FILE = "requeues.json"
@@ -271,6 +278,12 @@ class TrainJob:
         if not isinstance(getattr(handler, "__self__", None), SignalHandler):
             log.warning("stopped at step %d; not running under submitit, so nothing requeues this job: "
                         "start it again to resume", result.step)
+            return
+        if usr_sig not in result.stop_signals:
+            names = ", ".join(signal.Signals(s).name for s in result.stop_signals) or "another rank's signal"
+            log.warning("stopped at step %d by %s with a checkpoint; not requeuing: SIGTERM means scancel, or a "
+                        "preemption that SLURM requeues by itself (PreemptMode=REQUEUE). To resume by hand: "
+                        "python tools/submit.py %s", result.step, names, Path(cfg.output_dir) / "config.yaml")
             return
         if read_requeues(cfg.output_dir, job_id) >= cfg.slurm.max_requeues:
             self._log_cap(job_id, result.step)
@@ -594,7 +607,8 @@ def _run_local(cfg: Config, explicit_gpus: bool) -> int:
     print(f"started local job {job.job_id}: {ntasks} process(es) on {'%d GPU(s)' % ngpus if ngpus else 'CPU'}\n"
           f"  run directory:  {out}\n"
           f"  logs:           {folder}/{job.job_id}_<task>_log.out|.err (rank 0 follows)\n"
-          f"  stop it:        Ctrl-C; preempt it (checkpoint + requeue): kill -TERM {job.job_id}", flush=True)
+          f"  time limit:     pkill -USR2 -P {job.job_id}   (as SLURM before the time limit: checkpoint, requeue, resume)\n"
+          f"  stop it:        kill -TERM {job.job_id}   (as scancel: checkpoint, stop; run again to resume)", flush=True)
     try:
         _follow(rank0.paths.stderr, job)
     except KeyboardInterrupt:
@@ -609,7 +623,8 @@ def _run_local(cfg: Config, explicit_gpus: bool) -> int:
     if result.status == "finished":
         print(f"finished {result.step} steps; run directory {result.output_dir}; checkpoint {result.last_checkpoint}")
         return 0
-    print(f"stopped at step {result.step} (not requeued); checkpoint {result.last_checkpoint}")
+    print(f"stopped at step {result.step} by a signal (not requeued); checkpoint {result.last_checkpoint}; "
+          "run the same command again to resume")
     return EXIT_PREEMPTED
 
 

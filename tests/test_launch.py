@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -364,10 +365,11 @@ def submitit_task(tmp_path, monkeypatch, fake_slurm):
         signal.signal(s, h)
 
 
-def _preempted(out: Path, step: int = 40):
+def _preempted(out: Path, step: int = 40, signals=(signal.SIGUSR2,)):
     from maescale.train import TrainResult
 
-    return TrainResult("preempted", 0, step, 100, out, out / "checkpoints" / f"step_{step:08d}", None, 1.0)
+    return TrainResult("preempted", 0, step, 100, out, out / "checkpoints" / f"step_{step:08d}", None, 1.0,
+                       tuple(signals))
 
 
 def test_requeue_goes_through_submitits_own_handler(submitit_task, fake_slurm, caplog):
@@ -386,6 +388,24 @@ def test_requeue_goes_through_submitits_own_handler(submitit_task, fake_slurm, c
     # a second signal can no longer re-enter submitit's handler
     assert signal.getsignal(signal.SIGUSR2) is _ignore_late_signal
     assert signal.getsignal(signal.SIGTERM) is _ignore_late_signal
+
+
+def test_submitits_signal_after_sigterm_requeues(submitit_task, fake_slurm):
+    # submitit's model of a preemption (SlurmJob._interrupt): SIGTERM, then its own signal
+    job, out, _ = submitit_task
+    with pytest.raises(SystemExit):
+        job._requeue(_preempted(out, signals=(signal.SIGTERM, signal.SIGUSR2)), signal.SIGUSR2)
+    assert fake_slurm.calls("scontrol") == [["requeue", "12345"]]
+
+
+def test_sigterm_alone_stops_without_requeue(submitit_task, fake_slurm, caplog):
+    # scancel (or a preemption that SLURM requeues itself): checkpoint written, the job ends
+    job, out, _ = submitit_task
+    job._requeue(_preempted(out, signals=(signal.SIGTERM,)), signal.SIGUSR2)
+    assert fake_slurm.calls("scontrol") == [] and read_requeues(out, "12345") == 0
+    assert "stopped at step 40 by SIGTERM with a checkpoint; not requeuing" in caplog.text
+    # submitit's handlers stay in place: a later SIGUSR2 would still requeue through them
+    assert getattr(signal.getsignal(signal.SIGUSR2), "__name__", "") == "checkpoint_and_try_requeue"
 
 
 def test_requeue_cap(submitit_task, fake_slurm, caplog):
@@ -452,6 +472,22 @@ def test_plain_sbatch_requeues_on_exit_code_3(tmp_path, fake_slurm):
                                          "train.max_steps=7"]]
     assert fake_slurm.calls("scontrol") == [["requeue", "777"]]
     assert "requeue 1/50 of job 777" in proc.stdout  # the cap read from the config
+
+
+def test_plain_sbatch_does_not_requeue_after_scancel(tmp_path, fake_slurm):
+    # scancel: SIGTERM reaches the batch shell too; the tasks checkpoint and exit 3; no requeue.
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full.update({"SLURM_JOB_ID": "777", "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": sys.executable, "MAX_REQUEUES": "4",
+                 "FAKE_SLURM_SRUN_RC": "3", "FAKE_SLURM_SRUN_SLEEP": "3"})
+    proc = subprocess.Popen(["bash", str(REPO / "slurm" / "train.sbatch"), str(TINY)], cwd=tmp_path, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not fake_slurm.calls("srun") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # bash defers the trap until srun returns
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED and "not requeuing" in err
+    assert fake_slurm.calls("scontrol") == []
 
 
 @pytest.mark.parametrize("srun_rc, restarts, requeued", [(0, 0, False), (1, 0, False), (3, 4, False), (3, 3, True)])

@@ -1,11 +1,11 @@
 """End to end: ``tools/submit.py --local`` runs the real job (2 processes) through submitit's LocalExecutor.
 
-The job is interrupted twice: first preempted (SIGTERM to the job, which submitit's local
-controller forwards to every task, as slurmstepd does), then, once it has resumed, given the
-time-limit signal (SIGUSR2 to every task, what ``--signal=USR2@N`` sends). Each time the
-training checkpoints at a step boundary, rank 0 requeues through submitit's own handler, the
-controller restarts the tasks, and they resume; the run finishes with exactly the parameters of
-an uninterrupted run.
+One run is interrupted twice. First the time-limit signal (SIGUSR2 to every task, what
+``--signal=USR2@N`` sends): the training checkpoints at a step boundary, rank 0 requeues through
+submitit's own handler, the local controller restarts the tasks and they resume. Then SIGTERM to
+the job (what ``scancel`` or a preemption sends; the controller forwards it to every task, as
+slurmstepd does): checkpoint and stop, no requeue. Running the same command again resumes it by
+hand, and the run finishes with exactly the parameters of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -47,52 +47,62 @@ def requeue_history(out: Path) -> list[dict]:
     return json.loads(path.read_text())["history"] if path.exists() else []
 
 
-def test_local_job_preempted_and_timed_out_resumes_exactly(tmp_path):
+def submit_local(shards: str, out: Path, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, str(REPO / "tools" / "submit.py"), "--local", "--gpus-per-node", "2",
+                                 str(TINY), *overrides(shards, out)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=job_env({"MAESCALE_FAULTS": "train.after_step=sleep:0.05"}),
+                                start_new_session=True)
+
+
+def test_local_job_timed_out_requeues_cancelled_stops_and_resumes_exactly(tmp_path):
     shards = write_shards(tmp_path / "shards", num_images=96, per_shard=24, size=40)
     ref = tmp_path / "ref"
     run_train(TINY, overrides(shards, ref), nproc=2)
 
     out = tmp_path / "local"
-    log_path = tmp_path / "submit.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "submit.py"), "--local", "--gpus-per-node", "2",
-                                 str(TINY), *overrides(shards, out)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=job_env({"MAESCALE_FAULTS": "train.after_step=sleep:0.05"}),
-                                start_new_session=True)
+    first_log = tmp_path / "submit1.log"
+    proc = submit_local(shards, out, first_log)
     try:
         wait_for(lambda: logged_step(out) >= 3, what="step 3", proc=proc, timeout=120)
-        # The job id the CLI printed is the local controller's pid.
-        job_id = int(re.search(r"started local job (\d+)", log_path.read_text()).group(1))
+        # The job id the CLI printed is the local controller's pid; the tasks are its children.
+        job_id = int(re.search(r"started local job (\d+)", first_log.read_text()).group(1))
         first_tasks = psutil.Process(job_id).children()
         assert len(first_tasks) == 2
-        os.kill(job_id, signal.SIGTERM)  # preemption: the controller forwards SIGTERM to every task
-
-        wait_for(lambda: len(requeue_history(out)) == 1, what="first requeue", proc=proc, timeout=60)
-        first_stop = requeue_history(out)[0]["step"]
-        wait_for(lambda: logged_step(out) >= first_stop + 2, what="steps after the resume", proc=proc, timeout=120)
-        tasks = psutil.Process(job_id).children()
-        assert len(tasks) == 2 and not {t.pid for t in tasks} & {t.pid for t in first_tasks}
-        for task in tasks:  # time limit: SLURM signals every task itself
+        for task in first_tasks:  # time limit: SLURM signals every task itself
             task.send_signal(signal.SIGUSR2)
 
-        assert proc.wait(timeout=150) == 0, log_path.read_text()[-4000:]
+        wait_for(lambda: len(requeue_history(out)) == 1, what="the requeue", proc=proc, timeout=60)
+        requeued_at = requeue_history(out)[0]["step"]
+        wait_for(lambda: logged_step(out) >= requeued_at + 2, what="steps after the resume", proc=proc, timeout=120)
+        tasks = psutil.Process(job_id).children()
+        assert len(tasks) == 2 and not {t.pid for t in tasks} & {t.pid for t in first_tasks}
+        os.kill(job_id, signal.SIGTERM)  # scancel / preemption: the controller forwards SIGTERM to every task
+        assert proc.wait(timeout=120) == 3, first_log.read_text()[-4000:]  # stopped with a checkpoint
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert f"finished {STEPS} steps" in log_path.read_text()
-
-    requeues = json.loads((out / "slurm" / "requeues.json").read_text())
-    assert requeues["job_id"] == str(job_id) and requeues["requeues"] == 2
-    stops = [h["step"] for h in requeues["history"]]
-    assert 3 <= stops[0] < stops[1] < STEPS, stops
+    assert "by a signal (not requeued)" in first_log.read_text()
     log = (out / "logs" / "train.log").read_text()
-    for n, step in enumerate(stops, start=1):
-        assert f"stop signal received: checkpoint at step {step} written" in log
-        assert f"requeueing job {job_id} (requeue {n}/3); it will resume from step {step}" in log
-        assert f"resuming from step {step}, requeue {n}/3 (job {job_id}" in log
-        assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'} at step {step}" in log
+    stopped_at = int(re.search(r"stopped at step (\d+) by SIGTERM with a checkpoint; not requeuing", log).group(1))
+    assert requeued_at < stopped_at < STEPS
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+    assert f"stop signal received: checkpoint at step {requeued_at} written" in log
+    assert f"requeueing job {job_id} (requeue 1/3); it will resume from step {requeued_at}" in log
+    assert f"resuming from step {requeued_at}, requeue 1/3 (job {job_id}" in log
+    assert f"resumed from {out / 'checkpoints' / f'step_{requeued_at:08d}'} at step {requeued_at}" in log
+
+    # Resume by hand: the same command again.
+    second_log = tmp_path / "submit2.log"
+    proc = submit_local(shards, out, second_log)
+    try:
+        assert proc.wait(timeout=120) == 0, second_log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert f"finished {STEPS} steps" in second_log.read_text()
+    log = (out / "logs" / "train.log").read_text()
+    assert re.search(rf"resuming from step {stopped_at} \(job \d+, restart 0;", log)
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in log
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
-    # submitit recorded both ranks' results of the last run (rank 1's earlier ones are overwritten)
-    assert sorted(p.name for p in (out / "slurm").glob("*_result.pkl")) == [f"{job_id}_0_result.pkl",
-                                                                           f"{job_id}_1_result.pkl"]
     assert_same_weights(final_weights(ref), final_weights(out))

@@ -8,12 +8,14 @@ its own name first. Calls are appended as JSON lines ``{"cmd", "argv", "cwd"}`` 
   FAKE_SLURM_STATE       state sacct/squeue report (default RUNNING)
   FAKE_SLURM_SBATCH_FAIL if set, sbatch fails with this message
   FAKE_SLURM_SRUN_RC     exit code of srun (default 0)
+  FAKE_SLURM_SRUN_SLEEP  seconds srun takes (default 0)
 """
 
 import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 
@@ -42,6 +44,7 @@ def main() -> int:
     elif cmd == "squeue":
         print(f"{job_id} {state}")
     elif cmd == "srun":
+        time.sleep(float(os.environ.get("FAKE_SLURM_SRUN_SLEEP", "0")))
         return int(os.environ.get("FAKE_SLURM_SRUN_RC", "0"))
     # scancel, scontrol: recorded, succeed silently
     return 0
