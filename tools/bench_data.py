@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per loader")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=2, help="runs per loader; the best is kept")
+    p.add_argument("--repeats", type=int, default=3, help="runs per loader; the best is kept")
     p.add_argument("--workdir", default=None, help="where to generate the images (default: a temp folder, removed)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)

@@ -10,7 +10,10 @@ same photo-like JPEGs:
 
 Each loader runs in ``workers`` DataLoader worker processes with batches of ``batch_size``; the
 first batch (worker start, shuffle-buffer fill) is not timed, and the best of ``repeats`` runs is
-kept. Images/s are divided by the number of worker processes ("per core").
+kept (other work on the machine only ever slows a run down). Images/s are divided by the number
+of worker processes ("per core"). As a cross-check that other load cannot skew, ImageFolder and
+maescale also run in this process (``workers=0``, torch on one thread) timed by CPU time:
+``cpu_time_speedup``.
 """
 
 from __future__ import annotations
@@ -59,18 +62,25 @@ def generate_images(root: str, count: int, width: int, height: int, *, classes: 
     return sum(sizes)
 
 
-def _time_batches(loader_iter, batches: int) -> tuple[float, int]:
+# With workers=0 everything runs in this process: then CPU seconds (time.process_time) measure
+# the cost per image independently of other load on the machine.
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_batches(loader_iter, batches: int, clock: str = "wall") -> tuple[float, int]:
     """Seconds and images for batches 2..batches (the first one warms up)."""
-    first = next(loader_iter)
+    now = CLOCK[clock]
+    next(loader_iter)
     n = 0
-    t0 = time.perf_counter()
+    t0 = now()
     for _ in range(batches - 1):
         b = next(loader_iter)
         n += (b[0] if isinstance(b, (list, tuple)) else b).shape[0]
-    return time.perf_counter() - t0, n
+    return now() - t0, n
 
 
-def bench_imagefolder(root: str, count: int, *, img_size: int, batch_size: int, workers: int) -> float:
+def bench_imagefolder(root: str, count: int, *, img_size: int, batch_size: int, workers: int,
+                      clock: str = "wall") -> float:
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -84,12 +94,13 @@ def bench_imagefolder(root: str, count: int, *, img_size: int, batch_size: int, 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, **kwargs)
     it = iter(loader)
-    seconds, n = _time_batches(it, count // batch_size)
+    seconds, n = _time_batches(it, count // batch_size, clock)
     del it
     return n / seconds / max(workers, 1)
 
 
-def bench_maescale(shards: str, count: int, *, img_size: int, batch_size: int, workers: int, fast: bool = True) -> float:
+def bench_maescale(shards: str, count: int, *, img_size: int, batch_size: int, workers: int, fast: bool = True,
+                   clock: str = "wall") -> float:
     from maescale.config import DataConfig
     from maescale.data import build_train_loader
 
@@ -97,7 +108,7 @@ def bench_maescale(shards: str, count: int, *, img_size: int, batch_size: int, w
                      pin_memory=False, fast_decode=fast)
     loader = build_train_loader(cfg, img_size=img_size, micro_batch_size=batch_size, rank=0, world_size=1, seed=0)
     it = iter(loader)
-    seconds, n = _time_batches(it, count // batch_size)
+    seconds, n = _time_batches(it, count // batch_size, clock)
     loader.close()
     return n / seconds / max(workers, 1)
 
@@ -139,7 +150,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, workers: int = 1, batch_size: int = 32,
-                  img_size: int = 224, repeats: int = 2, workdir: str | None = None, keep: bool = False) -> dict[str, Any]:
+                  img_size: int = 224, repeats: int = 3, workdir: str | None = None, keep: bool = False) -> dict[str, Any]:
     """Generate the image sets, run every loader on them, return the results (see module doc)."""
     from maescale.data.shards import make_shards
 
@@ -182,9 +193,24 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
                     logger.info("%s %s (run %d): %.1f images/s", name, key, r + 1, value)
                     best[key] = max(best.get(key, 0.0), value)
                     runs_log.setdefault(key, []).append(round(value, 1))
+            # contention-free cost: in this process, CPU time, torch on one thread
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                cpu = {
+                    "imagefolder": bench_imagefolder(folder, count, img_size=img_size, batch_size=batch_size,
+                                                     workers=0, clock="cpu"),
+                    "maescale": bench_maescale(shards, count, img_size=img_size, batch_size=batch_size, workers=0,
+                                               clock="cpu"),
+                }
+            finally:
+                torch.set_num_threads(threads)
+            logger.info("%s CPU-time images/s: %s", name, cpu)
             entry = {"images": count, "width": width, "height": height, "mean_jpeg_kb": round(total / count / 1e3, 1)}
             entry.update({k: round(v, 1) for k, v in best.items()})
             entry["speedup_vs_imagefolder"] = round(best["maescale"] / best["imagefolder"], 2)
+            entry["cpu_time_images_per_s"] = {k: round(v, 1) for k, v in cpu.items()}
+            entry["cpu_time_speedup"] = round(cpu["maescale"] / cpu["imagefolder"], 2)
             entry["runs"] = runs_log  # every run, images/s per worker process (the table shows the best)
             entry["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             results["sets"][name] = entry
@@ -203,12 +229,13 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
 
 def format_table(results: dict[str, Any]) -> str:
     """A Markdown table of images/s per worker process."""
-    rows = ["| images | ImageFolder+RRC+ToTensor | maescale | maescale (fast_decode off) | raw tar read | speedup |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| images | ImageFolder+RRC+ToTensor | maescale | maescale (fast_decode off) | raw tar read | speedup "
+            "| speedup, CPU time |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for name, e in results["sets"].items():
         rows.append(f"| {e['images']} x {name} JPEG q90 (~{e['mean_jpeg_kb']:.0f} kB) | {e['imagefolder']:.1f} | "
                     f"{e['maescale']:.1f} | {e['maescale_plain']:.1f} | {e['raw_tar_read']:.0f} | "
-                    f"{e['speedup_vs_imagefolder']:.2f}x |")
+                    f"{e['speedup_vs_imagefolder']:.2f}x | {e['cpu_time_speedup']:.2f}x |")
     return "\n".join(rows)
 
 
