@@ -381,6 +381,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     from_flags = {}
+    if getattr(args, "local", False) and args.nodes is None:
+        set_dotted(raw, "slurm.nodes", 1)  # --local is this machine: one node whatever the config says
     for dest, key in FLAG_KEYS.items():
         value = getattr(args, dest, None)
         if value is not None:

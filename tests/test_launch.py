@@ -224,6 +224,15 @@ def test_invalid_requests_fail_before_submission(tmp_path, fake_slurm, capsys, a
     assert fake_slurm.calls() == [] and not out.exists()
 
 
+def test_local_means_one_node(tmp_path, no_slurm, capsys):
+    from maescale.launch import build_parser, resolve_config
+
+    cfg_path = write_config(tmp_path)  # slurm.nodes: 2
+    assert resolve_config(build_parser().parse_args([str(cfg_path), "--local"])).slurm.nodes == 1
+    assert submit_main([str(cfg_path), "--local", "--nodes", "2"]) == 2
+    assert "--nodes 2" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_typo_in_config_file_fails(tmp_path, fake_slurm, capsys):
     path = tmp_path / "typo.yaml"
     path.write_text(f"base: {TINY}\noutput_dir: {tmp_path / 'run'}\nslurm:\n  nodez: 4\n")

@@ -38,7 +38,7 @@ def job_env(extra: dict[str, str]) -> dict[str, str]:
 
 def overrides(shards: str, out: Path) -> list[str]:
     values = {"output_dir": str(out), "data.train_shards": shards, "data.num_samples": 96, "train.max_steps": STEPS,
-              "train.log_every": 1, "checkpoint.every_steps": 4, "slurm.max_requeues": 3}
+              "train.log_every": 1, "checkpoint.every_steps": 4, "slurm.max_requeues": 3, "data.num_workers": 1}
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -68,9 +68,10 @@ def test_local_job_timed_out_requeues_cancelled_stops_and_resumes_exactly(tmp_pa
         # The job id the CLI printed is the local controller's pid; the tasks are its children.
         job_id = int(re.search(r"started local job (\d+)", first_log.read_text()).group(1))
         first_tasks = psutil.Process(job_id).children()
-        assert len(first_tasks) == 2
-        for task in first_tasks:  # time limit: SLURM signals every task itself
-            task.send_signal(signal.SIGUSR2)
+        assert len(first_tasks) == 2 and all(t.children() for t in first_tasks)  # each with a data worker
+        # Time limit: slurmstepd signals every process of the step, DataLoader workers included.
+        for p in psutil.Process(job_id).children(recursive=True):
+            p.send_signal(signal.SIGUSR2)
 
         wait_for(lambda: len(requeue_history(out)) == 1, what="the requeue", proc=proc, timeout=60)
         requeued_at = requeue_history(out)[0]["step"]
