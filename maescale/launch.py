@@ -57,8 +57,8 @@ What happens at the time limit or on preemption (the order matters)
 ``slurm.signal_delay_s`` = 180 s: the budget for step 4 and 5 on a ViT-H job (see
 ``slurm/README.md``): ~658M parameters x 16 bytes (weights, fp32 master, Adam m and v) = 10.5 GB
 written in parallel by all ranks, at a pessimistic 0.25 GB/s aggregate on a busy parallel
-filesystem 42 s; rank 0 then reads the files back for the manifest's CRC32 (10.5 GB at
-0.5 GB/s, 21 s); finishing the step in flight (<= 15 s with gradient accumulation) and
+filesystem 42 s; the ranks then read the files back, in parallel, for the manifest's CRC32
+(10.5 GB at >= 0.5 GB/s aggregate, 21 s); finishing the step in flight (<= 15 s with gradient accumulation) and
 shutting down the data loader, TensorBoard and the process group, plus ``scontrol requeue``
 (~15 s): ~95 s in all, ~1.9x margin. A periodic save that is already running when the signal
 arrives adds up to another ~65 s, which 180 s still covers. SLURM may signal up to a minute
