@@ -282,8 +282,8 @@ class TrainJob:
         if usr_sig not in result.stop_signals:
             names = ", ".join(signal.Signals(s).name for s in result.stop_signals) or "another rank's signal"
             log.warning("stopped at step %d by %s with a checkpoint; not requeuing: SIGTERM means scancel, or a "
-                        "preemption that SLURM requeues by itself (PreemptMode=REQUEUE). To resume by hand: "
-                        "python tools/submit.py %s", result.step, names, Path(cfg.output_dir) / "config.yaml")
+                        "preemption that SLURM requeues by itself (PreemptMode=REQUEUE). To resume by hand: %s",
+                        result.step, names, self._resume_hint())
             return
         if read_requeues(cfg.output_dir, job_id) >= cfg.slurm.max_requeues:
             self._log_cap(job_id, result.step)
@@ -298,16 +298,18 @@ class TrainJob:
             handler(usr_sig, None)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
             log.error("requeue of job %s failed (%s). If SLURM preempted it with PreemptMode=REQUEUE it "
-                      "requeues the job itself; otherwise resubmit: python tools/submit.py %s", job_id, exc,
-                      Path(cfg.output_dir) / "config.yaml")
+                      "requeues the job itself; otherwise resubmit: %s", job_id, exc, self._resume_hint())
             raise SystemExit(EXIT_PREEMPTED) from None
+
+    def _resume_hint(self) -> str:
+        cmd = f"python tools/submit.py {shlex.quote(str(Path(self.cfg.output_dir) / 'config.yaml'))}"
+        return cmd if self.cfg.resume is True else cmd + " resume=true"
 
     def _log_cap(self, job_id: str, step: int | None) -> None:
         cfg = self.cfg
         log.error("not requeuing job %s: it was requeued %d times already (slurm.max_requeues=%d). The run "
-                  "stopped at step %s with a checkpoint; resume it by hand: python tools/submit.py %s",
-                  job_id, read_requeues(cfg.output_dir, job_id), cfg.slurm.max_requeues, step,
-                  Path(cfg.output_dir) / "config.yaml")
+                  "stopped at step %s with a checkpoint; resume it by hand: %s",
+                  job_id, read_requeues(cfg.output_dir, job_id), cfg.slurm.max_requeues, step, self._resume_hint())
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit (rank 0) on preemption/time-out: the job to requeue, or None to stop.

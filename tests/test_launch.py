@@ -413,6 +413,7 @@ def test_sigterm_alone_stops_without_requeue(submitit_task, fake_slurm, caplog):
     job._requeue(_preempted(out, signals=(signal.SIGTERM,)), signal.SIGUSR2)
     assert fake_slurm.calls("scontrol") == [] and read_requeues(out, "12345") == 0
     assert "stopped at step 40 by SIGTERM with a checkpoint; not requeuing" in caplog.text
+    assert f"python tools/submit.py {out}/config.yaml resume=true" in caplog.text  # the run began resume=false
     # submitit's handlers stay in place: a later SIGUSR2 would still requeue through them
     assert getattr(signal.getsignal(signal.SIGUSR2), "__name__", "") == "checkpoint_and_try_requeue"
 
