@@ -40,11 +40,23 @@ Which samples an epoch sees (epoch mode, ``data.resampled: false``):
 * ``data.resampled: true``: every worker draws shards with replacement, forever; an epoch is just
   ``bpe`` batches. No once-per-epoch guarantee.
 
+Shuffling. Shard order is permuted every epoch; each worker passes its samples through a
+``data.shuffle_buffer``-sample buffer (with a range shorter than the buffer, the whole range is
+shuffled); a batch holds samples of one worker. ``tools/make_shards.py`` shuffles files before
+sharding, so that each shard already mixes classes.
+
 Position. :meth:`TrainLoader.state_dict` is the position after the last batch handed to the
 caller: the epoch, the batch index within it, and for each logical worker the number of samples
 that have left its shuffle buffer (read from the provenance each batch carries, so DataLoader
-prefetching never advances it). On resume each worker re-reads its shards from the epoch's start
-and replays the shuffle buffer up to that count without decoding anything, then continues: the
+prefetching never advances it)::
+
+    {"version": 1, "epoch": 3, "batch": 17, "consumed": [36, 32], "rank": 0, "world_size": 8,
+     "num_workers": 2, "micro_batch_size": 4, "seed": 0, "samples_per_epoch": 1281167,
+     "shuffle_buffer": 5000, "shards": "<fingerprint of shard names and sizes>"}
+
+On resume each worker reads its range of the epoch again from the start (reading the tar
+bytes, seeking where it can) and replays the shuffle buffer up to that count without decoding
+anything, then continues: the
 next batches are identical to those of an uninterrupted run. The state depends on the rank only
 through those counts (they differ between ranks only when undecodable samples did); a state saved
 by another rank, or with a different world size / worker count / batch size, is accepted with a
