@@ -9,7 +9,6 @@ ToTensor, the maescale pipeline (fast decode on and off) and reading the tar byt
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

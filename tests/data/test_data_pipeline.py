@@ -12,7 +12,7 @@ import torch
 
 from maescale.data.demo import photo_like_jpeg
 from maescale.data import DataError, TooManyBadSamples, build_train_loader, normalize_batch
-from tests.data.conftest import data_cfg, id_of, id_png, write_shards
+from tests.data.conftest import data_cfg, id_of, write_shards
 
 UNEVEN = [7, 30, 11, 20, 28]  # 96 samples in shards of very different sizes
 
