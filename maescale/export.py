@@ -68,6 +68,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,14 @@ def load_source(path: str | os.PathLike, step: int | None = None, model: str | N
         raise ExportError(f"{p}: no such file or directory")
     if p.is_dir():
         ckpt, run_dir = find_checkpoint(p, step)
-        return _load_checkpoint_dir(ckpt, run_dir, model)
+        try:
+            return _load_checkpoint_dir(ckpt, run_dir, model)
+        except ExportError as exc:
+            others = [s for s, c in list_checkpoints(ckpt.parent) if c != ckpt]
+            if step is None and others and ckpt.resolve() != p.resolve():  # chosen through 'latest'
+                raise ExportError(f"{exc} (--step N exports another checkpoint of the run; steps there: "
+                                  f"{', '.join(str(s) for s in sorted(others))})") from None
+            raise
     if step is not None:
         raise ExportError(f"step={step} selects a checkpoint of a run directory, but {p} is a file")
     return _load_weights_file(p, model)
@@ -270,7 +278,10 @@ def _load_weights_file(path: Path, model: str | None) -> Source:
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, not a torch file ...
+        except pickle.UnpicklingError:
+            raise ExportError(f"{path} holds Python objects besides tensors, which are not loaded (weights_only=True); "
+                              "a DeepSpeed file? Pass its checkpoint directory instead") from None
+        except Exception as exc:  # noqa: BLE001 - truncated zip, not a torch file ...
             raise ExportError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -279,7 +290,8 @@ def _load_weights_file(path: Path, model: str | None) -> Source:
             state = obj
         else:
             keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
-            raise ExportError(f"{path}: expected {{'model': state_dict}} (MAE names), found {keys}")
+            hint = "; a DeepSpeed file? Pass its checkpoint directory instead" if "module" in keys else ""
+            raise ExportError(f"{path}: expected {{'model': state_dict}} (MAE names), found {keys}{hint}")
     state = _clean_state(state, path)
     src_kwargs: dict[str, Any] = {"path": path, "kind": "file"}
     if isinstance(meta, dict) and meta.get("format") == FORMAT_TAG:  # a file this module wrote
@@ -653,6 +665,8 @@ def export_encoder(source: str | os.PathLike, output: str | os.PathLike, *, step
     if img % patch:
         hint = " (pass --img-size with a multiple of it)" if img_size is None else ""
         raise ExportError(f"image size {img} is not a multiple of patch size {patch}{hint}")
+    log.info("read %s%s: %s, %dpx, patch %d", src.path, f" (step {src.step})" if src.step is not None else "",
+             src.model_name, src.img_size, src.patch_size)
     for note in src.notes:
         log.info("%s", note)
 
@@ -671,6 +685,7 @@ def export_encoder(source: str | os.PathLike, output: str | os.PathLike, *, step
         save_encoder(tmp, tensors, meta, fmt)
         report = None
         if verify:
+            log.info("verifying: loading %s into timm and comparing features on %s", tmp.name, device)
             report = verify_export(tmp, meta, src, converted, DTYPES[dtype], device=device, min_cosine=min_cosine)
         with open(side_tmp, "w") as f:
             json.dump({**meta, "file": out.name, "file_format": fmt, "notes": src.notes, "verification": report},

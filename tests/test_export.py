@@ -247,8 +247,10 @@ def test_patch_size_resample_14_to_16(p14_preset, tmp_path, img_size):
     assert min(sim.values()) >= MIN_COSINE, sim
     assert min(result.verification["resample_check"][k] for k in ("patch_token_cosine_mean", "cls_cosine_min")) \
         >= MIN_COSINE
-    if img_size is None:
-        check_vitdet_layout(state, embed_dim=64, depth=4, num_heads=2, patch_size=16, window_block_indexes=[0, 1, 2])
+    # ViTDet-H (mask_rcnn_vitdet_h_75ep: patch 16, pretrain_img_size 224); with --img-size the
+    # ViTDet config must say model.backbone.net.pretrain_img_size=<that size>.
+    check_vitdet_layout(state, embed_dim=64, depth=4, num_heads=2, patch_size=16, window_block_indexes=[0, 1, 2],
+                        pretrain_img_size=size)
 
 
 def test_resample_check_catches_a_transposed_grid(run, tmp_path, monkeypatch):
@@ -374,6 +376,17 @@ def _mismatched_config(tmp_path: Path) -> Path:
     return run
 
 
+def _corrupt_latest(tmp_path: Path) -> Path:
+    run = tmp_path / "corrupt_run"
+    make_checkpoint(run, 2, make_model(), latest=False)
+    ckpt = make_checkpoint(run, 4, make_model())
+    f = ckpt / "mp_rank_00_model_states.pt"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF  # same size, different bytes
+    f.write_bytes(bytes(data))
+    return run
+
+
 def _empty_run(tmp_path: Path) -> Path:
     (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
     return tmp_path / "empty_run"
@@ -399,6 +412,8 @@ BAD_INPUTS = {
                             "image size 30 is not a multiple of patch size 4"),
     "missing step": (lambda t: make_checkpoint(t / "r", 4, make_model()).parent.parent, ["--step", "9"],
                      "no checkpoint of step 9"),
+    "corrupt latest": (lambda t: _corrupt_latest(t), [], r"fails its CRC32 check \(corrupt\) \(--step N exports "
+                                                         r"another checkpoint of the run; steps there: 2\)"),
 }
 
 
