@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The demo starts fresh each time (a second `tools/train.py configs/demo.yaml` would resume).
 demo: $(STAMP)
 	$(PY) tools/make_demo_data.py --output demo_data
+	rm -rf runs/demo
 	$(PY) tools/train.py configs/demo.yaml
 
 test: $(STAMP)

@@ -8,6 +8,10 @@ from typing import Sequence
 
 from maescale.config import ConfigError, load_config
 
+# tools/train.py exit codes: 0 finished, 1 crashed, 2 bad input (config, checkpoint, data,
+# divergence), 3 stopped by a signal after writing a checkpoint (resumable: requeue me).
+EXIT_PREEMPTED = 3
+
 
 def train_cli(argv: Sequence[str] | None = None) -> int:
     """``python tools/train.py CONFIG [key=value ...] [--no-resume]``."""
@@ -38,8 +42,9 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         shutdown()
+    code = EXIT_PREEMPTED if result.status == "preempted" else 0
     if result.rank != 0:
-        return 0
+        return code
     if result.status == "finished":
         print(f"finished {result.step} steps; run directory: {result.output_dir}\n"
               f"  checkpoint:      {result.last_checkpoint}\n"
@@ -48,7 +53,7 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"stopped at step {result.step} by a signal; checkpoint {result.last_checkpoint}; "
               "run the same command again to resume")
-    return 0
+    return code
 
 
 def submit_cli(argv: Sequence[str] | None = None) -> int:

@@ -86,10 +86,10 @@ from maescale.config import Config, ConfigError, config_from_dict, load_yaml_wit
 
 log = logging.getLogger("maescale.launch")
 
-#: Exit code of ``tools/train.py`` (every rank) when training stopped on a signal after saving a
-#: checkpoint ("preempted": resumable). ``slurm/train.sbatch`` requeues the job on it, unless its
-#: batch shell got SIGTERM too (scancel, or a preemption SLURM requeues by itself).
-EXIT_PREEMPTED = 3
+# EXIT_PREEMPTED (3): exit code of ``tools/train.py`` (every rank) when training stopped on a
+# signal after saving a checkpoint (resumable). ``slurm/train.sbatch`` requeues the job on it,
+# unless its batch shell got SIGTERM too (scancel, or a preemption SLURM requeues by itself).
+from maescale.cli import EXIT_PREEMPTED  # noqa: E402
 
 REQUEUE_FILE = "requeues.json"
 
