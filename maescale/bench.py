@@ -200,96 +200,169 @@ class _Step:
         return loss.detach()
 
 
+class _Runner:
+    """One variant at one micro-batch: built, warmed up, then timed step by step; any failure
+    (out of memory, unavailable kernel, error) ends up in ``res.status`` instead of raising."""
+
+    def __init__(self, preset: str, v: Variant, micro_batch: int, img_size: int, mask_ratio: float,
+                 precision: str, device: torch.device, peak_tflops: float | None, seed: int = 0):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.v, self.device, self.micro_batch = v, device, micro_batch
+        self.res = BenchResult(preset, img_size, mask_ratio, micro_batch, v.attn_impl, v.compile, v.act_ckpt_every,
+                               precision, str(device))
+        self.times: list[float] = []
+        self.step = self.imgs = self.loss = None
+        reason = unavailable_reason(v, device, precision)
+        if reason:
+            self.res.status, self.res.reason = "skipped", reason
+            return
+        arch = PRESETS[preset]
+        self.model_f, self.hw_f = train_flops_per_image(arch, img_size, mask_ratio, v.act_ckpt_every)
+        self.res.model_gflops_per_image, self.res.hardware_gflops_per_image = self.model_f / 1e9, self.hw_f / 1e9
+        dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        self.peak = peak_flops(dev_name, peak_tflops, "fp32" if precision == "fp32" else "bf16")
+        self.res.extra["loadavg_before"] = os.getloadavg()[0]  # other work on the machine skews CPU timings
+        self._guard(self._build, preset, img_size, mask_ratio, precision, seed)
+
+    @property
+    def ok(self) -> bool:
+        return self.res.status == "ok"
+
+    def _guard(self, fn, *args) -> None:
+        if not self.ok:
+            return
+        try:
+            fn(*args)
+        except torch.OutOfMemoryError as exc:
+            self.res.status, self.res.reason = "oom", str(exc).splitlines()[0][:200]
+        except AttentionUnavailableError as exc:
+            self.res.status, self.res.reason = "skipped", str(exc)
+        except Exception as exc:  # a variant failing must not lose the others' numbers
+            log.exception("variant %s at micro-batch %d failed", self.v.label, self.micro_batch)
+            msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+            self.res.status, self.res.reason = "error", f"{type(exc).__name__}: {msg}"
+        if not self.ok:
+            self.close()
+
+    def _build(self, preset: str, img_size: int, mask_ratio: float, precision: str, seed: int) -> None:
+        torch.manual_seed(seed)
+        model = create_model(preset, img_size=img_size, mask_ratio=mask_ratio, attn_impl=self.v.attn_impl,
+                             act_ckpt_every=self.v.act_ckpt_every, device=self.device)
+        model.train()
+        self.step = _Step(model, precision, self.device)
+        if self.v.compile:
+            model.compile_blocks()
+        self.imgs = torch.randn(self.micro_batch, model.in_chans, img_size, img_size, device=self.device,
+                                dtype=self.step.input_dtype)
+
+    def _run(self, timed: bool) -> None:
+        t0 = time.perf_counter()
+        self.loss = self.step(self.imgs)
+        _sync(self.device)
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def warmup(self, n: int) -> None:
+        def go():
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            self._run(False)
+            self.res.first_step_s = time.perf_counter() - t0
+            for _ in range(max(0, n - 1)):
+                self._run(False)
+        self._guard(go)
+
+    def timed_step(self) -> None:
+        self._guard(self._run, True)
+
+    def finish(self) -> BenchResult:
+        res = self.res
+        if self.ok and self.times:
+            med = statistics.median(self.times)
+            res.extra["loadavg_after"] = os.getloadavg()[0]
+            res.step_ms, res.step_ms_min, res.step_ms_max = med * 1e3, min(self.times) * 1e3, max(self.times) * 1e3
+            res.repeats = len(self.times)
+            res.images_per_s = self.micro_batch / med
+            res.model_tflops = self.model_f * res.images_per_s / 1e12
+            res.hardware_tflops = self.hw_f * res.images_per_s / 1e12
+            res.mfu = mfu(self.model_f, res.images_per_s, self.peak)
+            res.hfu = mfu(self.hw_f, res.images_per_s, self.peak)
+            res.loss = float(self.loss)
+            if not math.isfinite(res.loss):
+                res.status, res.reason = "error", f"non-finite loss {res.loss}"
+            if self.device.type == "cuda":
+                res.peak_mem_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.close()
+        return res
+
+    def close(self) -> None:
+        self.step = self.imgs = self.loss = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224, mask_ratio: float = 0.75,
                   precision: str = "bf16", device: torch.device | str = "cuda", warmup: int = 3, repeats: int = 10,
                   peak_tflops: float | None = None, seed: int = 0) -> BenchResult:
     """Time one variant at one micro-batch (see the module docstring)."""
-    device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    arch = PRESETS[preset]
-    res = BenchResult(preset, img_size, mask_ratio, micro_batch, v.attn_impl, v.compile, v.act_ckpt_every,
-                      precision, str(device))
-    reason = unavailable_reason(v, device, precision)
-    if reason:
-        res.status, res.reason = "skipped", reason
-        return res
-    model_f, hw_f = train_flops_per_image(arch, img_size, mask_ratio, v.act_ckpt_every)
-    res.model_gflops_per_image, res.hardware_gflops_per_image = model_f / 1e9, hw_f / 1e9
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = peak_flops(dev_name, peak_tflops, "fp32" if precision == "fp32" else "bf16")
-
-    step = model = imgs = None
-    res.extra["loadavg_before"] = os.getloadavg()[0]  # other work on the machine skews CPU timings
-    try:
-        torch.manual_seed(seed)
-        model = create_model(preset, img_size=img_size, mask_ratio=mask_ratio, attn_impl=v.attn_impl,
-                             act_ckpt_every=v.act_ckpt_every, device=device)
-        model.train()
-        step = _Step(model, precision, device)
-        if v.compile:
-            model.compile_blocks()
-        imgs = torch.randn(micro_batch, model.in_chans, img_size, img_size, device=device, dtype=step.input_dtype)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        loss = step(imgs)
-        _sync(device)
-        res.first_step_s = time.perf_counter() - t0
-        for _ in range(max(0, warmup - 1)):
-            step(imgs)
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            loss = step(imgs)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        res.extra["loadavg_after"] = os.getloadavg()[0]
-        res.step_ms, res.step_ms_min, res.step_ms_max = med * 1e3, min(times) * 1e3, max(times) * 1e3
-        res.repeats = repeats
-        res.images_per_s = micro_batch / med
-        res.model_tflops = model_f * res.images_per_s / 1e12
-        res.hardware_tflops = hw_f * res.images_per_s / 1e12
-        res.mfu = mfu(model_f, res.images_per_s, peak)
-        res.hfu = mfu(hw_f, res.images_per_s, peak)
-        res.loss = float(loss)
-        if not math.isfinite(res.loss):
-            res.status, res.reason = "error", f"non-finite loss {res.loss}"
-        if device.type == "cuda":
-            res.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    except torch.OutOfMemoryError as exc:
-        res.status, res.reason = "oom", str(exc).splitlines()[0][:200]
-    except AttentionUnavailableError as exc:
-        res.status, res.reason = "skipped", str(exc)
-    except Exception as exc:  # a variant failing must not lose the others' numbers
-        log.exception("variant %s at micro-batch %d failed", v.label, micro_batch)
-        res.status, res.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    finally:
-        del step, model, imgs
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if v.compile:
-            torch._dynamo.reset()
+    r = _Runner(preset, v, micro_batch, img_size, mask_ratio, precision, torch.device(device), peak_tflops, seed)
+    r.warmup(warmup)
+    for _ in range(repeats):
+        if not r.ok:
+            break
+        r.timed_step()
+    res = r.finish()
+    if v.compile:
+        torch._dynamo.reset()
     return res
 
 
 def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], img_size: int = 224,
               mask_ratio: float = 0.75, precision: str | None = None, device: str | None = None, warmup: int = 3,
-              repeats: int = 10, peak_tflops: float | None = None) -> tuple[list[BenchResult], dict]:
-    """All ``variants`` at all ``micro_batches``; returns the results and the environment."""
+              repeats: int = 10, peak_tflops: float | None = None,
+              interleave: bool = False) -> tuple[list[BenchResult], dict]:
+    """All ``variants`` at all ``micro_batches``; returns the results and the environment.
+
+    ``interleave``: build every variant of a micro-batch at once and time their steps in turn
+    (round robin), so that load from other processes falls on all variants alike and their
+    ratios stay meaningful on a shared machine. Needs memory for all variants together: for
+    CPU runs of small presets, not for ViT-H on one GPU.
+    """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
-    env = environment(dev)
+    if any(v.compile for v in variants):
+        # every variant recompiles the same block code; do not fall back to eager for that
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    env = environment(dev) | {"interleave": interleave}
     results = []
     for mb in micro_batches:
+        if not interleave:
+            for v in variants:
+                log.info("%s mb=%d %s ...", preset, mb, v.label)
+                r = bench_variant(preset, v, mb, img_size, mask_ratio, precision, dev, warmup, repeats, peak_tflops)
+                log.info("  %s", _line(r, None))
+                results.append(r)
+            continue
+        runners = []
         for v in variants:
-            log.info("%s mb=%d %s ...", preset, mb, v.label)
-            r = bench_variant(preset, v, mb, img_size, mask_ratio, precision, dev, warmup, repeats, peak_tflops)
-            log.info("  %s", _line(r, None))
-            results.append(r)
+            log.info("%s mb=%d %s: build and warm up ...", preset, mb, v.label)
+            r = _Runner(preset, v, mb, img_size, mask_ratio, precision, dev, peak_tflops)
+            r.warmup(warmup)
+            runners.append(r)
+        for i in range(repeats):
+            for r in runners:
+                if r.ok:
+                    r.timed_step()
+            log.info("%s mb=%d: round %d/%d", preset, mb, i + 1, repeats)
+        for r in runners:
+            results.append(r.finish())
+            log.info("  %s: %s", results[-1].label, _line(results[-1], None))
+        torch._dynamo.reset()
     return results, env
 
 

@@ -303,9 +303,10 @@ def memory_rows(presets: list[str], img_size: int = 224, mask_ratio: float = 0.7
                 "peak_mib_per_image": None if prof.peak_per_image is None else prof.peak_per_image / 2**20,
                 "saved_by_region_mib_per_image": {r: v / 2**20 for r, v in prof.saved_by_region_per_image.items()},
                 "gpu_gib": gpu_gib, "reserve_gib": reserve_gib, "world_size": world_size,
-                "model_states_gib": {s: model_state_bytes(n, s, world_size).total / GIB for s in range(4)},
-                "max_micro_batch": {s: max_micro_batch(n, prof, gpu_gib * GIB, reserve_gib * GIB, s, world_size)
-                                    for s in range(4)},
+                # lists indexed by ZeRO stage 0..3
+                "model_states_gib": [model_state_bytes(n, s, world_size).total / GIB for s in range(4)],
+                "max_micro_batch": [max_micro_batch(n, prof, gpu_gib * GIB, reserve_gib * GIB, s, world_size)
+                                    for s in range(4)],
                 "zero_stage": zero_stage,
             }
             rows.append(row)

@@ -120,8 +120,13 @@ def test_bench_model_cli_tiny_cpu(repo_root, tmp_path, capsys):
     finally:
         sys.path.pop(0)
     out = tmp_path / "bench.json"
-    rc = bench_model.main(["--preset", "mae_vit_tiny_patch4", "--micro-batch", "4", "--attn", "sdpa,flash_attn",
-                           "--warmup", "1", "--repeats", "2", "--device", "cpu", "--json", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        rc = bench_model.main(["--preset", "mae_vit_tiny_patch4", "--micro-batch", "4", "--attn", "sdpa,flash_attn",
+                               "--warmup", "1", "--repeats", "2", "--device", "cpu", "--threads", "1",
+                               "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     text = capsys.readouterr().out
     assert "img/s" in text and "sdpa" in text
@@ -132,3 +137,17 @@ def test_bench_model_cli_tiny_cpu(repo_root, tmp_path, capsys):
     assert ok["model_gflops_per_image"] == pytest.approx(
         train_flops_per_image(PRESETS["mae_vit_tiny_patch4"], 32, 0.75)[0] / 1e9)
     assert res["flash_attn"]["status"] == "skipped" and res["flash_attn"]["reason"]
+
+
+def test_variants_and_interleaved_run():
+    from maescale.bench import Variant, run_bench, variants_from
+
+    assert len(variants_from(["sdpa", "math"], [False, True], [0, 1], "product")) == 8
+    axes = variants_from(["sdpa", "math", "flash"], [False, True], [0, 1], "axes")
+    assert axes == [Variant("sdpa", False, 0), Variant("math", False, 0), Variant("flash", False, 0),
+                    Variant("sdpa", True, 0), Variant("sdpa", False, 1)]
+    results, env = run_bench("mae_vit_tiny_patch4", [2], [Variant("sdpa"), Variant("math", False, 1)], img_size=32,
+                             device="cpu", warmup=1, repeats=2, interleave=True)
+    assert env["interleave"] and [r.status for r in results] == ["ok", "ok"]
+    assert all(r.repeats == 2 and r.images_per_s > 0 for r in results)
+    assert results[1].hardware_gflops_per_image > results[1].model_gflops_per_image

@@ -81,3 +81,20 @@ def test_memory_rows_tiny():
     assert [r["act_ckpt_every"] for r in rows] == [0, 1]
     assert rows[1]["saved_mib_per_image"] < rows[0]["saved_mib_per_image"]
     assert rows[0]["max_micro_batch"][3] >= rows[0]["max_micro_batch"][0] > 0
+
+
+def test_bench_model_memory_cli(repo_root, tmp_path, capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, str(repo_root / "tools"))
+    try:
+        import bench_model
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "mem.json"
+    assert bench_model.main(["--memory", "--presets", "mae_vit_tiny_patch4", "--img-size", "32",
+                             "--measure-batches", "2,4", "--json", str(out)]) == 0
+    assert "max mb z1" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["runs"][0]["rows"]
+    assert len(rows) == 2 and len(rows[0]["max_micro_batch"]) == 4

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--interleave", action="store_true",
+                   help="time all variants round robin (fair ratios on a busy machine; all in memory at once)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by GPU name)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, help="write results here")
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     variants = variants_from(args.attn, args.compile, args.ckpt or [0], args.grid)
     print(flops_summary(args.preset, img, args.mask_ratio))
     results, env = run_bench(args.preset, args.micro_batch, variants, img, args.mask_ratio, args.precision,
-                             args.device, args.warmup, args.repeats, args.peak_tflops)
+                             args.device, args.warmup, args.repeats, args.peak_tflops, args.interleave)
     print(format_results(results, env))
     if args.json:
         _write_json(args.json, {"kind": "speed", "date": when, "note": args.note, "args": vars(args), "env": env,
