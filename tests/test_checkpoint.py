@@ -92,3 +92,20 @@ def test_public_checkpoint_errors(tmp_path):
     torch.save({"model": create_model("mae_vit_mini_patch8", img_size=32).state_dict()}, other)
     with pytest.raises(CheckpointError, match="does not fit model.name"):
         load_pretrained_into(model, other)
+
+
+class _Payload:
+    def __reduce__(self):  # would create a file if unpickled without weights_only
+        return (open, ("/tmp/maescale_pwned_marker", "w"))
+
+
+def test_init_from_never_unpickles_arbitrary_objects(tmp_path):
+    import os
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Payload()}, evil)
+    if os.path.exists("/tmp/maescale_pwned_marker"):
+        os.remove("/tmp/maescale_pwned_marker")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_pretrained_into(create_model("mae_vit_tiny_patch4", img_size=32), evil)
+    assert not os.path.exists("/tmp/maescale_pwned_marker")
