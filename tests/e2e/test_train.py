@@ -112,3 +112,16 @@ def test_resume_false_refuses_existing_run(shards, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools/train.py"), str(TINY),
                            *base_overrides(shards, out, 8), "--no-resume"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "resume=false but" in proc.stderr
+
+
+def test_time_based_checkpoints(shards, tmp_path):
+    out = tmp_path / "run"
+    run_train(TINY, base_overrides(shards, out, 12, **{"checkpoint.every_steps": 0, "checkpoint.every_minutes": 0.004,
+                                                        "checkpoint.keep_last": 20}),
+              env={"MAESCALE_FAULTS": "train.after_step=sleep:0.12"})
+    log = (out / "logs" / "train.log").read_text()
+    saved = [line for line in log.splitlines() if "maescale.checkpoint: checkpoint " in line]
+    # 0.24 s between saves, 0.12 s+ per step: a save every 2-3 steps, none tied to a step count
+    assert len(saved) >= 4, saved
+    steps = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert steps[-1] == 12 and len(steps) == len(saved)
