@@ -233,49 +233,39 @@ class CheckpointManager:
             if partial.exists():
                 shutil.rmtree(partial)
         barrier(self.group)
-        error: BaseException | None = None
-        try:
-            fault_point("checkpoint.before_write", step)
-            engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False,
-                                   client_state=_universal_info())
-            write_json_atomic(partial / f"rank_{self.rank:05d}.json", rank_state)
-            if self.rank == 0:
-                write_json_atomic(partial / TRAINER_STATE, {**trainer_state, "format": FORMAT_VERSION,
-                                                            "step": step, "world_size": self.world_size})
-                if self.config_yaml is not None:
-                    write_text_atomic(partial / "config.yaml", self.config_yaml)
-        except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
-            error = exc
-        failed = agree_max([1 if error else 0], self.group)[0]
-        if failed:
-            if error is not None:
-                raise error
-            raise CheckpointError(f"another rank failed while writing checkpoint {tag}; 'latest' is unchanged")
+        self._together(f"write checkpoint {tag}", self._write, engine, partial, step, trainer_state, rank_state)
         fault_point("checkpoint.before_commit", step)
         # Every rank checksums a share of the files (a ViT-H checkpoint is ~10 GB: rank 0 alone
         # would re-read all of it while the job waits), then rank 0 writes the manifest.
-        try:
-            self._checksum_share(partial)
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-        if agree_max([1 if error else 0], self.group)[0]:
-            if error is not None:
-                raise error
-            raise CheckpointError(f"another rank failed to checksum checkpoint {tag}; 'latest' is unchanged")
-        if self.rank == 0:
-            try:
-                self._commit(partial, final)
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-        failed = agree_max([1 if error else 0], self.group)[0]
-        if failed:
-            if error is not None:
-                raise error
-            raise CheckpointError(f"rank 0 failed to commit checkpoint {tag}; 'latest' is unchanged")
+        self._together(f"checksum checkpoint {tag}", self._checksum_share, partial)
+        self._together(f"commit checkpoint {tag}", self._commit if self.rank == 0 else _nothing, partial, final)
         if self.rank == 0:
             self._prune()
             log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, _dir_bytes(final) / 1e6)
         return final
+
+    def _together(self, what: str, fn, *args: Any) -> None:
+        """Run ``fn`` on this rank, then agree with every rank on whether all succeeded: a failure
+        anywhere raises everywhere (the failing rank re-raises its own error)."""
+        error: BaseException | None = None
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
+            error = exc
+        if agree_max([1 if error else 0], self.group)[0]:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"another rank failed to {what}; 'latest' is unchanged")
+
+    def _write(self, engine, partial: Path, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        fault_point("checkpoint.before_write", step)
+        engine.save_checkpoint(str(self.root), tag=partial.name, save_latest=False, client_state=_universal_info())
+        write_json_atomic(partial / f"rank_{self.rank:05d}.json", rank_state)
+        if self.rank == 0:
+            write_json_atomic(partial / TRAINER_STATE, {**trainer_state, "format": FORMAT_VERSION,
+                                                        "step": step, "world_size": self.world_size})
+            if self.config_yaml is not None:
+                write_text_atomic(partial / "config.yaml", self.config_yaml)
 
     def _checksum_share(self, partial: Path) -> None:
         names = sorted(str(f.relative_to(partial)) for f in partial.rglob("*")
@@ -441,6 +431,10 @@ def _universal_info() -> dict[str, Any]:
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
     return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def _nothing(*_: Any) -> None:
+    return None
 
 
 def _dir_bytes(path: Path) -> int:

@@ -90,7 +90,8 @@ def _cmd(nproc: int, config: Path, overrides: list[str]) -> list[str]:
             str(_free_port()), str(REPO / "tools" / "train.py"), str(config), *overrides]
 
 
-def _logged_step(run_dir: Path) -> int:
+def logged_step(run_dir: Path) -> int:
+    """Highest step number in the run's log so far (0 if none)."""
     path = run_dir / "logs" / "train.log"
     if not path.exists():
         return 0
@@ -170,7 +171,7 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
             break
         proc = subprocess.Popen(_cmd(nproc, config, overrides(out)), env=_env(faults), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        start_step = _logged_step(out)
+        start_step = logged_step(out)
         if kind == "sigkill_start":
             time.sleep(rng.uniform(0.5, 4.0))
         elif kind == "sigkill_save":
@@ -179,8 +180,8 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
                   else False, proc, 300)
         else:
             target = min(steps - 1, start_step + rng.randint(2, 8))
-            _wait(lambda: _logged_step(out) >= target, proc, 300)
-        at_step = _logged_step(out)
+            _wait(lambda: logged_step(out) >= target, proc, 300)
+        at_step = logged_step(out)
         if proc.poll() is None:
             if kind == "sigterm":  # to the training processes, as SLURM signals its tasks
                 for child in _children(proc.pid):

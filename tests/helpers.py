@@ -15,6 +15,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from maescale.soak import logged_step  # noqa: F401 (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -99,16 +101,6 @@ def wait_for(predicate, timeout: float = 120, what: str = "condition", proc: sub
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
     os.killpg(proc.pid, sig)
-
-
-def logged_step(run_dir: Path) -> int:
-    """Highest step number in the run's log so far (0 if none)."""
-    log = run_dir / "logs" / "train.log"
-    if not log.exists():
-        return 0
-    steps = [int(line.split("step ")[1].split("/")[0]) for line in log.read_text().splitlines()
-             if " maescale.train: step " in line]
-    return max(steps, default=0)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
