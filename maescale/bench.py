@@ -213,6 +213,7 @@ class _Runner:
                                precision, str(device))
         self.times: list[float] = []
         self.step = self.imgs = self.loss = None
+        self.track_peak = True  # off when several runners share the device (interleaved)
         reason = unavailable_reason(v, device, precision)
         if reason:
             self.res.status, self.res.reason = "skipped", reason
@@ -292,7 +293,7 @@ class _Runner:
             res.loss = float(self.loss)
             if not math.isfinite(res.loss):
                 res.status, res.reason = "error", f"non-finite loss {res.loss}"
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self.track_peak:
                 res.peak_mem_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.close()
         return res
@@ -352,6 +353,7 @@ def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], im
         for v in variants:
             log.info("%s mb=%d %s: build and warm up ...", preset, mb, v.label)
             r = _Runner(preset, v, mb, img_size, mask_ratio, precision, dev, peak_tflops)
+            r.track_peak = False  # the device's peak would be that of all variants together
             r.warmup(warmup)
             runners.append(r)
         for i in range(repeats):
