@@ -13,10 +13,27 @@ from maescale.flops import mae_flops_per_image, mfu, num_ckpt_blocks, param_coun
 from maescale.models import PRESETS, create_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: with two, every op's OpenMP barrier stalls whenever another process
+    holds a core (a shared 2-core machine made these tests 5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_MODELS: dict = {}
+
+
 def counted(name: str, img_size: int, mask_ratio: float, batch: int, act_ckpt_every: int = 0) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs per image that FlopCounterMode sees on a real step."""
-    torch.manual_seed(0)
-    model = create_model(name, img_size=img_size, attn_impl="math", act_ckpt_every=act_ckpt_every)
+    if (name, img_size) not in _MODELS:  # build each model once; mask ratio and checkpointing are switches
+        torch.manual_seed(0)
+        _MODELS[name, img_size] = create_model(name, img_size=img_size, attn_impl="math")
+    model = _MODELS[name, img_size]
+    model.act_ckpt_every = act_ckpt_every
+    model.zero_grad(set_to_none=True)
     imgs = torch.randn(batch, 3, img_size, img_size)
     with FlopCounterMode(display=False) as fc:
         loss, _, _ = model(imgs, mask_ratio=mask_ratio)
