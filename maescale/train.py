@@ -184,7 +184,8 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     # ---- 4. the loop
     model_flops, hw_flops = train_flops_per_image(PRESETS[cfg.model.name], cfg.model.img_size,
                                                   cfg.model.mask_ratio, cfg.model.act_ckpt_every)
-    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.peak_tflops)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.peak_tflops,
+                      dtype=cfg.train.precision)
     tb = TensorBoardLogger(out, enabled=rank == 0)
     signals = StopSignals(cfg.checkpoint.on_signal, extra_stop_signals)
     timer = StepTimer()
