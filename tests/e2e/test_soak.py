@@ -15,7 +15,8 @@ def test_soak_survives_every_kind_of_kill(shards, tmp_path):
     assert report.identical, report.table()
     assert report.leftover_bytes == 0
     sigterm = [k for k in report.kills if k.kind == "sigterm"][0]
-    assert sigterm.exit_code == 3 and sigterm.resumed_from >= sigterm.at_step  # saved on the signal
+    # saved on the signal; the workers exit 3, which torchrun reports as 1
+    assert sigterm.exit_code == 1 and sigterm.resumed_from >= sigterm.at_step
     killed = [k for k in report.kills if k.kind in ("sigkill", "sigkill_save")]
     assert all(k.exit_code != 0 for k in killed)
     # a SIGKILL loses at most the steps since the last periodic checkpoint (every 4 steps)
