@@ -255,3 +255,10 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < first / 5, (first, loss.item())
+
+
+def test_regional_compile_keeps_parameter_names():
+    m = tiny()
+    keys = list(m.state_dict())
+    m.compile_blocks()
+    assert list(m.state_dict()) == keys  # checkpoints and exports keep the MAE/timm names
