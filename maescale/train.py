@@ -152,7 +152,6 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     schedule = make_schedule(cfg, world, total_steps, steps_per_epoch)
     engine = build_engine(cfg, model, world, device)
     model = engine.module
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     log.info("model %s (%.1fM parameters), %d process(es), effective batch %d, %d steps, peak lr %.3g, "
              "warmup %d steps, ZeRO-%d, %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6,
              world, effective_batch(cfg, world), total_steps, schedule.peak_lr, schedule.warmup_steps,
@@ -253,7 +252,11 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
                 last_save_time = time.monotonic()
         if stop:
             status = "preempted"
-            log.warning("stop signal received: checkpoint at step %d written, exiting for requeue", step)
+            if last_checkpoint is not None and last_checkpoint.name == f"step_{step:08d}":
+                log.warning("stop signal received: checkpoint at step %d written, exiting for requeue", step)
+            else:
+                log.error("stop signal received but the checkpoint at step %d failed; a resume starts from %s",
+                          step, last_checkpoint)
             break
 
     # ---- 5. wrap up
