@@ -6,6 +6,12 @@
 Prints a table of images/s per worker process for ImageFolder + RandomResizedCrop + flip +
 ToTensor, the maescale pipeline (fast decode on and off) and reading the tar bytes only, for
 ~500x375 and ~2000x1500 JPEGs (quality 90). The logic lives in :mod:`maescale.data.bench`.
+
+    python tools/bench_data.py --gpu-decode [--num-images 512] [--json out.json]
+
+measures instead the worker's CPU milliseconds per image with ``data.gpu_decode: true`` (header,
+crop box, JPEG bytes) against a full decode; with --json the results are added under the key
+"gpu_decode" of the file (its other keys are kept).
 """
 
 import argparse
@@ -15,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maescale.data.bench import format_table, run_benchmark, write_json  # noqa: E402
+from maescale.data.bench import (format_gpu_decode_table, format_table, run_benchmark,  # noqa: E402
+                                  run_gpu_decode_benchmark, write_json)
 
 
 def main(argv=None) -> int:
@@ -28,8 +35,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per loader; the best is kept")
     p.add_argument("--workdir", default=None, help="where to generate the images (default: a temp folder, removed)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="measure the worker's CPU cost per image with data.gpu_decode vs a full decode")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.gpu_decode:
+        return _gpu_decode(args)
     results = run_benchmark(num_images=args.num_images, num_large=args.num_large, workers=args.workers,
                             batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats,
                             workdir=args.workdir, keep=args.workdir is not None)
@@ -41,6 +52,28 @@ def main(argv=None) -> int:
     if args.json:
         write_json(results, args.json)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _gpu_decode(args) -> int:
+    import json
+    import os
+
+    results = run_gpu_decode_benchmark(num_images=args.num_images, num_large=args.num_large,
+                                       batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats,
+                                       workdir=args.workdir, keep=args.workdir is not None)
+    print(f"CPU ms per image in the worker, data.gpu_decode vs full decode (batch {args.batch_size}, "
+          f"{results['machine']['cores']}-core {results['machine']['cpu']}, {results['date']}; "
+          f"{results['note']})")
+    print(format_gpu_decode_table(results))
+    if args.json:
+        merged = {}
+        if os.path.exists(args.json):
+            with open(args.json) as fh:
+                merged = json.load(fh)
+        merged["gpu_decode"] = results
+        write_json(merged, args.json)
+        print(f"wrote {args.json} (key gpu_decode)")
     return 0
 
 

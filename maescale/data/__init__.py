@@ -7,6 +7,8 @@ The trainer uses::
                                 seed=..., state=saved_state_or_None)
     for batch in loader:                      # infinite; uint8 (B, 3, S, S)
         x = normalize_batch(batch.to(device, non_blocking=True), cfg.data.mean, cfg.data.std)
+        # with data.gpu_decode: true the batch is an EncodedBatch (JPEG bytes + crop boxes):
+        # .to() moves it, normalize_batch decodes it there (nvjpeg on CUDA)
         ...
         save(loader.state_dict())             # position after the last batch handed out
 
@@ -30,6 +32,9 @@ _EXPORTS = {
     "Decoder": "maescale.data.decode",
     "BadSample": "maescale.data.decode",
     "crop_box": "maescale.data.decode",
+    "EncodedBatch": "maescale.data.gpu_decode",
+    "decode_on_device": "maescale.data.gpu_decode",
+    "to_device_images": "maescale.data.gpu_decode",
     "expand_shards": "maescale.data.sources",
 }
 
@@ -38,6 +43,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:
     from maescale.data.decode import BadSample, Decoder, crop_box
     from maescale.data.errors import DataError
+    from maescale.data.gpu_decode import EncodedBatch, decode_on_device, to_device_images
     from maescale.data.pipeline import (TooManyBadSamples, TrainLoader, build_train_loader, check_bad_fraction,
                                         normalize_batch)
     from maescale.data.sources import expand_shards

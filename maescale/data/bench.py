@@ -8,6 +8,10 @@ same photo-like JPEGs:
 * ``maescale_plain``: the same with ``data.fast_decode: false`` (full decode, PIL crop + resize);
 * ``raw_tar_read``: reading the shards' bytes only (the ceiling of any decoder).
 
+:func:`run_gpu_decode_benchmark` (``--gpu-decode``) measures instead the CPU cost per image in
+the worker with ``data.gpu_decode: true`` (header, box, bytes) against a full decode: the CPU
+that the option frees. The device side needs a GPU to be timed.
+
 Each loader runs in ``workers`` DataLoader worker processes with batches of ``batch_size``; the
 first batch (worker start, shuffle-buffer fill) is not timed, and the best of ``repeats`` runs is
 kept (other work on the machine only ever slows a run down). Images/s are divided by the number
@@ -225,6 +229,108 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
                        "met": small["speedup_vs_imagefolder"] >= 1.2},
     }
     return results
+
+
+def bench_gpu_decode_worker(shards: str, count: int, *, img_size: int, batch_size: int,
+                            gpu_decode: bool, fast: bool = True) -> tuple[float, float]:
+    """``data.gpu_decode`` on the worker side: CPU seconds per image (in this process, one torch
+    thread) of producing batches -- header + box + bytes with ``gpu_decode``, a full decode without
+    it -- and, with ``gpu_decode``, of then decoding those batches with :func:`decode_on_device` on
+    this CPU (what the device does; a CPU stand-in, not a GPU timing). Returns (worker ms, decode ms)."""
+    from maescale.config import DataConfig
+    from maescale.data import build_train_loader
+    from maescale.data.gpu_decode import decode_on_device
+
+    cfg = DataConfig(train_shards=shards, num_workers=0, prefetch_factor=2, shuffle_buffer=64,
+                     pin_memory=False, fast_decode=fast, gpu_decode=gpu_decode)
+    loader = build_train_loader(cfg, img_size=img_size, micro_batch_size=batch_size, rank=0, world_size=1, seed=0)
+    it = iter(loader)
+    next(it)
+    worker = decode = 0.0
+    n = 0
+    for _ in range(count // batch_size - 1):
+        t0 = time.process_time()
+        b = next(it)
+        t1 = time.process_time()
+        worker += t1 - t0
+        if gpu_decode:
+            decode_on_device(b)
+            decode += time.process_time() - t1
+        n += len(b)
+    loader.close()
+    return 1e3 * worker / n, 1e3 * decode / n
+
+
+def run_gpu_decode_benchmark(*, num_images: int = 512, num_large: int | None = None, batch_size: int = 32,
+                             img_size: int = 224, repeats: int = 3, workdir: str | None = None,
+                             keep: bool = False) -> dict[str, Any]:
+    """CPU milliseconds per image in the worker with and without ``data.gpu_decode`` (best of
+    ``repeats``), on the same image sets as :func:`run_benchmark`."""
+    from maescale.data.shards import make_shards
+
+    num_large = num_large if num_large is not None else max(batch_size * 3, num_images // 4)
+    base = workdir or tempfile.mkdtemp(prefix="maescale-bench-gpu-")
+    results: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(), "machine": machine_info(),
+        "settings": {"batch_size": batch_size, "img_size": img_size, "repeats": repeats, "jpeg_quality": 90,
+                     "clock": "CPU time in one process, one torch thread"},
+        "note": "device-side timing needs a GPU; decode_on_cpu_ms is decode_on_device run on this CPU",
+        "sets": {}, "load_average_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, width, height in IMAGE_SETS:
+            count = num_images if width < 1000 else num_large
+            count = max(batch_size * 2, count // batch_size * batch_size)
+            folder = os.path.join(base, name, "folder")
+            shard_dir = os.path.join(base, name, "shards")
+            total = generate_images(folder, count, width, height, processes=os.cpu_count() or 1)
+            make_shards(folder, shard_dir, maxcount=256, overwrite=True)
+            shards = os.path.join(shard_dir, "shard-*.tar")
+            best: dict[str, float] = {}
+            for r in range(repeats):
+                runs = {
+                    "full_decode_fast": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
+                                                                        batch_size=batch_size, gpu_decode=False),
+                    "full_decode_plain": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
+                                                                         batch_size=batch_size, gpu_decode=False,
+                                                                         fast=False),
+                    "gpu_decode": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
+                                                                  batch_size=batch_size, gpu_decode=True),
+                }
+                for key, fn in runs.items():
+                    worker_ms, decode_ms = fn()
+                    logger.info("%s %s (run %d): worker %.3f ms/image, decode on CPU %.3f ms/image", name, key,
+                                r + 1, worker_ms, decode_ms)
+                    best[key] = min(best.get(key, float("inf")), worker_ms)
+                    if key == "gpu_decode":
+                        best["decode_on_cpu"] = min(best.get("decode_on_cpu", float("inf")), decode_ms)
+            entry = {"images": count, "width": width, "height": height,
+                     "mean_jpeg_kb": round(total / count / 1e3, 1),
+                     "worker_ms_per_image": {k: round(v, 3) for k, v in best.items() if k != "decode_on_cpu"},
+                     "decode_on_cpu_ms_per_image": round(best["decode_on_cpu"], 3),
+                     "worker_cpu_freed": round(1 - best["gpu_decode"] / best["full_decode_fast"], 3),
+                     "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+            results["sets"][name] = entry
+    finally:
+        torch.set_num_threads(threads)
+        if not keep and workdir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def format_gpu_decode_table(results: dict[str, Any]) -> str:
+    """A Markdown table of worker CPU ms per image with and without ``data.gpu_decode``."""
+    rows = ["| images | worker, full decode (fast_decode) | worker, full decode (plain) | worker, gpu_decode "
+            "| worker CPU freed | device-side decode, run on this CPU |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for name, e in results["sets"].items():
+        w = e["worker_ms_per_image"]
+        rows.append(f"| {e['images']} x {name} JPEG q90 (~{e['mean_jpeg_kb']:.0f} kB) | {w['full_decode_fast']:.2f} ms | "
+                    f"{w['full_decode_plain']:.2f} ms | {w['gpu_decode']:.3f} ms | {100 * e['worker_cpu_freed']:.1f}% | "
+                    f"{e['decode_on_cpu_ms_per_image']:.2f} ms |")
+    return "\n".join(rows)
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -190,6 +190,15 @@ class Decoder:
         """Decode and augment one image; returns (3, size, size) uint8."""
         img = _open(data, self.max_pixels)
         box, flip = self.draw(rng, *img.size)
+        return self.render(img, data, box, flip)
+
+    def open(self, data: bytes) -> Image.Image:
+        """The lazily opened image (header read, nothing decoded); :class:`BadSample` on a bad
+        header or a decompression bomb."""
+        return _open(data, self.max_pixels)
+
+    def render(self, img: Image.Image, data: bytes, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        """Decode the opened ``img`` (bytes ``data``) with the drawn ``box`` and ``flip``."""
         try:
             out = self._fast(img, box, data) if self.fast else self._plain(img, box)
         except BadSample:

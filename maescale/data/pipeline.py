@@ -62,6 +62,12 @@ through those counts (they differ between ranks only when undecodable samples di
 by another rank, or with a different world size / worker count / batch size, is accepted with a
 warning and resumes at the same epoch and nearest position, not exactly.
 
+GPU decode (``data.gpu_decode: true``, :mod:`maescale.data.gpu_decode`). The workers read only
+each JPEG's header, draw the box and flip with the same law and the same per-sample RNG, and ship
+the bytes; the batch (an ``EncodedBatch``) is decoded, cropped and resized on the device by
+:func:`normalize_batch`. Other images are decoded in the worker as above. The position, the
+provenance and resuming are the same as without it.
+
 Bad data. Undecodable samples (corrupt, empty, random bytes, truncated, decompression bombs, no
 image) are skipped and counted; shards that fail are retried ``data.shard_retries`` times and then
 skipped with a warning naming them; once ``MIN_SAMPLES_FOR_BAD_CHECK`` samples were seen, more
@@ -83,6 +89,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from maescale.data.decode import BadSample, Decoder, image_bytes, set_max_image_pixels
 from maescale.data.errors import DataError
+from maescale.data.gpu_decode import EncodedBatch, EncodedBatchBuilder, prepare_sample, to_device_images
 from maescale.data.sources import (default_sizes_file, expand_shards, is_local, open_url, shard_name,
                                    shard_sizes)
 from maescale.data.tario import iter_samples
@@ -154,6 +161,7 @@ class Plan:
     max_image_pixels: int
     decoder: Decoder
     names: list[str] = field(default_factory=list)
+    gpu_decode: bool = False  # ship JPEG bytes + box + flip (maescale.data.gpu_decode)
 
     def __post_init__(self) -> None:
         self.names = [shard_name(u) for u in self.urls]
@@ -351,16 +359,22 @@ class _Worker:
                     self.stats["samples_skipped"] += 1
                     continue
                 if batch is None:
-                    batch = torch.empty((plan.batch_size, 3, size, size), dtype=torch.uint8)
-                    if shared:
-                        batch.share_memory_()
+                    if plan.gpu_decode:
+                        batch = EncodedBatchBuilder(plan.batch_size, size, plan.decoder.interpolation)
+                    else:
+                        batch = torch.empty((plan.batch_size, 3, size, size), dtype=torch.uint8)
+                        if shared:
+                            batch.share_memory_()
                     keys = []
                 try:
                     if "__bad__" in sample:
                         raise BadSample(sample["__bad__"])
                     data = image_bytes(sample)
                     rng = random.Random(_mix(plan.seed, _TAG_AUG, epoch, plan.rank, worker, n - 1))
-                    batch[k] = plan.decoder(data, rng)
+                    if plan.gpu_decode:  # header, box and flip only (same law and RNG); bytes ship
+                        batch.add(prepare_sample(plan.decoder, data, rng))
+                    else:
+                        batch[k] = plan.decoder(data, rng)
                 except BadSample as exc:
                     self.bad(sample, str(exc))
                     continue
@@ -371,7 +385,7 @@ class _Worker:
                     meta = {"epoch": epoch, "worker": worker, "index": batch_index, "raw": n,
                             "physical": self.physical, "keys": keys, "stats": dict(self.stats),
                             "last_error": self.last_error}
-                    yield batch, meta
+                    yield (batch.build(keys, shared) if plan.gpu_decode else batch), meta
                     batch = None
                     k = 0
                     batch_index += 1
@@ -433,7 +447,9 @@ def _worker_init(_: int) -> None:
 
 
 class TrainLoader:
-    """Infinite iterator of uint8 ``(B, 3, img_size, img_size)`` batches with a resumable position.
+    """Infinite iterator of uint8 ``(B, 3, img_size, img_size)`` batches with a resumable position
+    (with ``data.gpu_decode: true``: :class:`maescale.data.gpu_decode.EncodedBatch` objects, which
+    :func:`normalize_batch` decodes on the device).
 
     Build it with :func:`build_train_loader`. Iterating starts the DataLoader workers (once; they
     keep running across epochs); iterating again restarts from the current position.
@@ -453,6 +469,7 @@ class TrainLoader:
         self._consumed = [0] * plan.num_workers
         self._stats_base = {k: 0 for k in STAT_KEYS}
         self._worker_stats: dict[int, dict[str, int]] = {}
+        self._device_stats = {k: 0 for k in STAT_KEYS}  # gpu_decode: samples that failed on the device
         self._last_error = ""
         self._logged_bad = 0
         self._last_log = 0.0
@@ -563,10 +580,23 @@ class TrainLoader:
         samples_bad, samples_skipped (replayed on resume), shards_opened, shards_failed,
         shard_retries, odd_members; slightly behind the workers (they report with each batch)."""
         out = dict(self._stats_base)
-        for s in self._worker_stats.values():
+        for s in [*self._worker_stats.values(), self._device_stats]:
             for k in STAT_KEYS:
                 out[k] += s.get(k, 0)
         return out
+
+    def _device_bad(self, key: str, reason: str) -> None:
+        """A sample that the workers shipped as JPEG bytes failed to decode on the device."""
+        self._device_stats["samples_ok"] -= 1
+        self._device_stats["samples_bad"] += 1
+        self._last_error = f"{key}: {reason}"
+        level = logging.WARNING if self.rank == 0 else logging.DEBUG
+        logger.log(level, "data: bad sample %s on rank %d (decoded on the device): %s; replaced by another "
+                   "image of its batch", key, self.rank, reason)
+        s = self.stats()
+        self._logged_bad = max(self._logged_bad, s["samples_bad"])
+        check_bad_fraction(s["samples_ok"], s["samples_bad"], self.plan.max_bad_fraction, f"rank {self.rank}",
+                           self._last_error)
 
     def _after_batch(self, meta: dict) -> None:
         self._worker_stats[meta["physical"]] = meta["stats"]
@@ -597,6 +627,7 @@ class TrainLoader:
         plan = self.plan
         self._stats_base = self.stats()  # keep the counters of earlier worker processes
         self._worker_stats = {}
+        self._device_stats = {k: 0 for k in STAT_KEYS}
         dataset = _StreamDataset(plan, self._epoch, self._batch, self._consumed)
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
@@ -621,6 +652,8 @@ class TrainLoader:
                     self._consumed = [0] * w
                 self.last_batch_keys = meta["keys"]
                 self._after_batch(meta)
+                if isinstance(batch, EncodedBatch):
+                    batch.on_bad = self._device_bad
                 yield batch
         finally:
             shutdown = getattr(iterator, "_shutdown_workers", None)
@@ -654,8 +687,6 @@ def build_train_loader(
     Checks the shards up front (:class:`DataError` naming the pattern or key), reads the epoch
     size, and resumes from ``state`` (a :meth:`TrainLoader.state_dict`) when given.
     """
-    if getattr(data_cfg, "gpu_decode", False):
-        raise DataError("data.gpu_decode=true is not implemented yet; set it to false", key="data.gpu_decode")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     urls = expand_shards(data_cfg.train_shards)
@@ -687,7 +718,8 @@ def build_train_loader(
                 batch_size=int(micro_batch_size), samples_per_epoch=samples, batches_per_epoch=bpe,
                 shuffle_buffer=int(data_cfg.shuffle_buffer), shard_retries=int(data_cfg.shard_retries),
                 max_bad_fraction=float(data_cfg.max_bad_fraction),
-                max_image_pixels=int(data_cfg.max_image_pixels), decoder=decoder)
+                max_image_pixels=int(data_cfg.max_image_pixels), decoder=decoder,
+                gpu_decode=bool(getattr(data_cfg, "gpu_decode", False)))
     if rank == 0:
         mode = "resampled" if plan.resampled else ("sample ranges" if counts is not None else "whole shards")
         logger.info("data: %d shards, %d samples/epoch, %d batches/epoch/rank of %d (%d ranks x %d workers, "
@@ -703,14 +735,16 @@ def build_train_loader(
     return loader
 
 
-def normalize_batch(batch_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+def normalize_batch(batch_uint8: torch.Tensor | EncodedBatch, mean: Sequence[float], std: Sequence[float],
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(x / 255 - mean) / std`` per channel, on the batch's device, returned in ``dtype``.
 
     ``mean`` and ``std`` are in [0, 1] units (``data.mean``, ``data.std``); the batch is uint8
-    ``(B, 3, H, W)`` (or ``(3, H, W)``). Computed in float32, then cast.
+    ``(B, 3, H, W)`` (or ``(3, H, W)``), or an :class:`~maescale.data.gpu_decode.EncodedBatch`
+    (``data.gpu_decode: true``; moved with ``.to(device)``), decoded first on its device.
+    Computed in float32, then cast.
     """
-    x = batch_uint8.to(torch.float32)
+    x = to_device_images(batch_uint8).to(torch.float32)
     shape = (-1, 1, 1)
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0

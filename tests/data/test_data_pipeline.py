@@ -326,8 +326,19 @@ def test_normalize_batch():
     assert normalize_batch(batch, mean, std, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_gpu_decode_is_refused_clearly(shard_dir):
+def test_gpu_decode_gives_encoded_batches_of_the_same_samples(shard_dir):
+    """data.gpu_decode is accepted (details in test_gpu_decode.py): on these PNGs every sample is
+    decoded in the worker, so the decoded batches equal the CPU path's exactly."""
+    from maescale.data import EncodedBatch
+
     write_shards(shard_dir, [8])
-    with pytest.raises(DataError, match="data.gpu_decode"):
-        build_train_loader(data_cfg(str(shard_dir / "*.tar"), gpu_decode=True), img_size=8, micro_batch_size=4,
-                           rank=0, world_size=1, seed=0)
+    batches = {}
+    for gpu in (False, True):
+        loader = build_train_loader(data_cfg(str(shard_dir / "*.tar"), gpu_decode=gpu), img_size=8,
+                                    micro_batch_size=4, rank=0, world_size=1, seed=0)
+        batches[gpu] = take(loader, 2)
+    assert batches[True][1] == batches[False][1]
+    for enc, ref in zip(batches[True][0], batches[False][0]):
+        assert isinstance(enc, EncodedBatch) and enc.num_jpegs == 0
+        assert torch.equal(normalize_batch(enc.to("cpu"), (0.5,) * 3, (0.5,) * 3),
+                           normalize_batch(ref, (0.5,) * 3, (0.5,) * 3))

@@ -1,0 +1,211 @@
+"""``data.gpu_decode: true``: workers ship JPEG bytes + box + flip, the device decodes (here: the CPU,
+through the same ``torchvision.io.decode_jpeg`` call that runs nvjpeg on CUDA).
+
+Tolerance against the CPU path for the same box and flip (per image, 0-255 grey levels):
+mean abs diff < 1 and max < 16 against the reference path (``data.fast_decode: false``: full
+decode, PIL crop + bicubic resize); mean < 8 against the default fast path, whose DCT-scaled
+``draft()`` decode of large crops is itself a few grey levels off the reference on grainy images.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from maescale.data import EncodedBatch, build_train_loader, decode_on_device, normalize_batch, to_device_images
+from maescale.data.decode import Decoder
+from maescale.data.demo import photo_like_jpeg
+from tests.data.conftest import data_cfg, id_png
+from tests.helpers import TINY, base_overrides, run_train
+
+SIZES = [(64, 48), (300, 200), (500, 375), (1200, 900)]
+
+
+def jpeg_of(i: int, size: tuple[int, int], mode: str = "RGB", quality: int = 90) -> bytes:
+    data = photo_like_jpeg(i, *size, quality=quality)
+    if mode == "RGB":
+        return data
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert(mode).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_jpeg_shards(folder: Path, count: int = 48, per_shard: int = 12, sizes=SIZES,
+                      special: dict[int, tuple[str, bytes]] | None = None) -> str:
+    """Shards of photo-like JPEGs of the given sizes (cycled); ``special`` replaces sample i by
+    (extension, bytes). Returns a glob pattern; sizes.json is written beside."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    special = special or {}
+    table = {}
+    for s in range((count + per_shard - 1) // per_shard):
+        path = folder / f"shard-{s:06d}.tar"
+        n = 0
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(s * per_shard, min(count, (s + 1) * per_shard)):
+                ext, data = special.get(i, ("jpg", jpeg_of(i, sizes[i % len(sizes)])))
+                sink.write({"__key__": f"s{i:05d}", ext: data, "cls": b"0"})
+                n += 1
+        table[path.name] = n
+    (folder / "sizes.json").write_text(json.dumps({"total": count, "shards": table}))
+    return str(folder / "shard-*.tar")
+
+
+def take(loader, n, decode=True):
+    it = iter(loader)
+    out, keys = [], []
+    for _ in range(n):
+        b = next(it)
+        out.append(to_device_images(b, "cpu") if decode else b)
+        keys.append(list(loader.last_batch_keys))
+    loader.close()
+    return out, keys
+
+
+def loader_for(shards, gpu, img_size=32, batch=4, seed=5, **kw):
+    cfg = data_cfg(shards, gpu_decode=gpu, **kw)
+    return build_train_loader(cfg, img_size=img_size, micro_batch_size=batch, rank=0, world_size=1, seed=seed)
+
+
+def test_same_boxes_and_flips_as_cpu_path(tmp_path, monkeypatch):
+    special = {3: ("png", id_png(3, 40)), 7: ("jpg", jpeg_of(7, (90, 70), "CMYK"))}
+    shards = write_jpeg_shards(tmp_path / "s", count=24, special=special)
+    drawn: list = []
+    real_draw = Decoder.draw
+
+    def record(self, rng, width, height):
+        out = real_draw(self, rng, width, height)
+        drawn.append(out)
+        return out
+
+    monkeypatch.setattr(Decoder, "draw", record)
+    _, cpu_keys = take(loader_for(shards, False), 6)
+    cpu_draws, drawn[:] = list(drawn), []
+    encoded, gpu_keys = take(loader_for(shards, True), 6, decode=False)
+    assert gpu_keys == cpu_keys
+    assert drawn == cpu_draws and len(drawn) == 24  # same law, same RNG, same order
+    shipped = [(tuple(box), bool(f)) for b in encoded for box, f in zip(b.boxes.tolist(), b.flips.tolist())]
+    assert shipped == cpu_draws
+    assert all(isinstance(b, EncodedBatch) for b in encoded)
+    assert sum(b.num_jpegs for b in encoded) == 22  # the PNG and the CMYK JPEG come ready
+    assert sum(b.ready.shape[0] for b in encoded) == 2
+
+
+@pytest.mark.parametrize("img_size", [32, 64])
+def test_device_images_match_cpu_path(tmp_path, img_size):
+    shards = write_jpeg_shards(tmp_path / "s", count=32)
+    gpu, gkeys = take(loader_for(shards, True, img_size=img_size, num_workers=2), 8)
+    plain, pkeys = take(loader_for(shards, False, img_size=img_size, num_workers=2, fast_decode=False), 8)
+    fast, fkeys = take(loader_for(shards, False, img_size=img_size, num_workers=2), 8)
+    assert gkeys == pkeys == fkeys
+    for g, p, f in zip(gpu, plain, fast):
+        assert g.dtype == torch.uint8 and g.shape == (4, 3, img_size, img_size)
+        for gi, pi, fi in zip(g, p, f):
+            d = (gi.int() - pi.int()).abs()
+            assert d.float().mean() < 1.0 and d.max() < 16, (d.float().mean(), d.max())
+            assert (gi.int() - fi.int()).abs().float().mean() < 8.0
+
+
+def test_decode_on_device_direct_and_normalize(tmp_path):
+    shards = write_jpeg_shards(tmp_path / "s", count=8, sizes=[(200, 150)])
+    loader = loader_for(shards, True, batch=8)
+    (batch,), _ = take(loader, 1, decode=False)
+    assert batch.shape == (8, 3, 32, 32) and len(batch) == 8 and batch.num_jpegs == 8
+    moved = batch.to("cpu", non_blocking=True)
+    imgs = decode_on_device(moved, 32, "bicubic", "cpu")
+    assert torch.equal(imgs, moved.decode())
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert torch.equal(normalize_batch(moved, mean, std), normalize_batch(imgs, mean, std))
+
+
+def test_fallbacks_and_bad_samples(tmp_path):
+    good = jpeg_of(1, (120, 90))
+    garbage = good[:700] + bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)) + b"\xff\xd9"
+    special = {
+        0: ("png", id_png(0, 40)),                    # not a JPEG: decoded in the worker
+        1: ("jpg", jpeg_of(1, (90, 70), "CMYK")),      # CMYK: decoded in the worker
+        2: ("jpg", jpeg_of(2, (90, 70), "L")),         # grayscale: on the device
+        3: ("jpg", good[: len(good) // 2]),            # truncated (no EOI): worker -> bad sample
+        4: ("jpg", garbage),                           # header fine, data not: fails on the device
+    }
+    shards = write_jpeg_shards(tmp_path / "s", count=8, sizes=[(100, 80)], special=special)
+    loader = loader_for(shards, True, batch=4, shuffle_buffer=1, max_bad_fraction=1.0)
+    it = iter(loader)
+    first = next(it)
+    assert loader.stats()["samples_bad"] == 1  # the truncated one, found in the worker
+    assert [k.split("/")[-1] for k in loader.last_batch_keys] == ["s00000", "s00001", "s00002", "s00004"]
+    assert first.ready_pos.tolist() == [0, 1] and first.jpeg_pos.tolist() == [2, 3]
+    imgs = to_device_images(first, "cpu")
+    loader.close()
+    assert loader.stats()["samples_bad"] == 2 and loader.stats()["samples_ok"] == 3
+    # the device failure is replaced by another image of the batch
+    assert any(torch.equal(imgs[3], imgs[j]) for j in range(3))
+    # worker-decoded samples are exactly the CPU path's; the grayscale one is grey
+    dec = Decoder(32)
+    boxes, flips = first.boxes.tolist(), first.flips.tolist()
+    for pos, (ext, data) in [(0, special[0]), (1, special[1])]:
+        img = dec.decode_box(data, tuple(boxes[pos]))
+        assert torch.equal(imgs[pos], img.flip(-1) if flips[pos] else img)
+    assert torch.equal(imgs[2][0], imgs[2][1]) and torch.equal(imgs[2][1], imgs[2][2])
+    ref = dec.decode_box(special[2][1], tuple(boxes[2]), fast=False)
+    ref = ref.flip(-1) if flips[2] else ref
+    assert (imgs[2].int() - ref.int()).abs().float().mean() < 1.0
+
+
+def test_all_fail_batch_is_grey_and_counted(tmp_path):
+    good = jpeg_of(1, (120, 90))
+    garbage = good[:700] + bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)) + b"\xff\xd9"
+    shards = write_jpeg_shards(tmp_path / "s", count=4, sizes=[(100, 80)], special={i: ("jpg", garbage)
+                                                                                   for i in range(4)})
+    loader = loader_for(shards, True, batch=4, max_bad_fraction=1.0)
+    (imgs,), _ = take(loader, 1)
+    assert (imgs == 128).all() and loader.stats()["samples_bad"] == 4
+
+
+def test_exact_resume_with_gpu_decode(tmp_path):
+    special = {5: ("png", id_png(5, 40))}
+    shards = write_jpeg_shards(tmp_path / "s", count=48, sizes=[(80, 60), (160, 120)], special=special)
+    ref, ref_keys = take(loader_for(shards, True, num_workers=2, shuffle_buffer=8), 9)
+    first = loader_for(shards, True, num_workers=2, shuffle_buffer=8)
+    take(first, 4)
+    state = first.state_dict()
+    resumed = loader_for(shards, True, num_workers=2, shuffle_buffer=8)
+    resumed.load_state_dict(state)
+    got, got_keys = take(resumed, 5)
+    assert got_keys == ref_keys[4:]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref[4:]))
+    # and the state is the CPU path's: resuming a CPU-path state with gpu_decode is exact too
+    cpu = loader_for(shards, False, num_workers=2, shuffle_buffer=8)
+    take(cpu, 4)
+    assert cpu.state_dict() == state
+
+
+def test_workers_never_touch_cuda(tmp_path, monkeypatch):
+    """The worker side (header, box, bytes, CPU fallbacks) must not initialise CUDA: any attempt
+    fails here (workers are forked, so they inherit the patch)."""
+    def refuse(*a, **k):
+        raise AssertionError("CUDA initialised on the worker side")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", refuse)
+    monkeypatch.setattr(torch.cuda, "init", refuse)
+    shards = write_jpeg_shards(tmp_path / "s", count=8, special={1: ("png", id_png(1, 40))})
+    batches, _ = take(loader_for(shards, True, num_workers=1), 2, decode=False)
+    assert sum(b.num_jpegs for b in batches) == 7
+
+
+@pytest.mark.slow
+def test_short_training_with_gpu_decode(tmp_path):
+    shards = write_jpeg_shards(tmp_path / "shards", count=96, per_shard=24, sizes=[(64, 48), (96, 72)])
+    out = tmp_path / "run"
+    over = base_overrides(shards, out, 4, **{"data.gpu_decode": "true", "data.num_workers": 1})
+    proc = run_train(TINY, over, timeout=120)
+    assert "gpu_decode: true" in (out / "config.yaml").read_text()
+    assert (out / "checkpoints").exists(), proc.stdout[-2000:]
