@@ -64,7 +64,7 @@ def test_local_job_timed_out_requeues_cancelled_stops_and_resumes_exactly(tmp_pa
     first_log = tmp_path / "submit1.log"
     proc = submit_local(shards, out, first_log)
     try:
-        wait_for(lambda: logged_step(out) >= 3, what="step 3", proc=proc, timeout=120)
+        wait_for(lambda: logged_step(out) >= 3, what="step 3", proc=proc, timeout=300)
         # The job id the CLI printed is the local controller's pid; the tasks are its children.
         job_id = int(re.search(r"started local job (\d+)", first_log.read_text()).group(1))
         first_tasks = psutil.Process(job_id).children()
@@ -73,13 +73,13 @@ def test_local_job_timed_out_requeues_cancelled_stops_and_resumes_exactly(tmp_pa
         for p in psutil.Process(job_id).children(recursive=True):
             p.send_signal(signal.SIGUSR2)
 
-        wait_for(lambda: len(requeue_history(out)) == 1, what="the requeue", proc=proc, timeout=60)
+        wait_for(lambda: len(requeue_history(out)) == 1, what="the requeue", proc=proc, timeout=180)
         requeued_at = requeue_history(out)[0]["step"]
-        wait_for(lambda: logged_step(out) >= requeued_at + 2, what="steps after the resume", proc=proc, timeout=120)
+        wait_for(lambda: logged_step(out) >= requeued_at + 2, what="steps after the resume", proc=proc, timeout=300)
         tasks = psutil.Process(job_id).children()
         assert len(tasks) == 2 and not {t.pid for t in tasks} & {t.pid for t in first_tasks}
         os.kill(job_id, signal.SIGTERM)  # scancel / preemption: the controller forwards SIGTERM to every task
-        assert proc.wait(timeout=120) == 3, first_log.read_text()[-4000:]  # stopped with a checkpoint
+        assert proc.wait(timeout=300) == 3, first_log.read_text()[-4000:]  # stopped with a checkpoint
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -97,7 +97,7 @@ def test_local_job_timed_out_requeues_cancelled_stops_and_resumes_exactly(tmp_pa
     second_log = tmp_path / "submit2.log"
     proc = submit_local(shards, out, second_log)
     try:
-        assert proc.wait(timeout=120) == 0, second_log.read_text()[-4000:]
+        assert proc.wait(timeout=300) == 0, second_log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -48,7 +48,7 @@ def _interrupt_and_resume(shards, out, overrides, nproc, sig=signal.SIGTERM):
         w.send_signal(sig)
     # Stopped on a signal with a checkpoint written: tools/train.py exits 3 ("resumable");
     # torchrun reports any non-zero worker exit as its own exit code 1.
-    assert proc.wait(timeout=120) == (3 if nproc == 1 else 1)
+    assert proc.wait(timeout=300) == (3 if nproc == 1 else 1)
     stopped_at = logged_step(out)
     assert 6 <= stopped_at < int(dict(o.split("=", 1) for o in overrides)["train.max_steps"])
     latest = (out / "checkpoints" / "latest").read_text()
