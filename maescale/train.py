@@ -270,6 +270,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
                  step, last_checkpoint, tb.log_dir, png)
     tb.close()
     signals.restore()
+    engine.destroy()  # release ZeRO state and helper threads before interpreter teardown
     return TrainResult(status, rank, step, total_steps, out, last_checkpoint, resumed_from, last_loss,
                        tuple(signals.history))
 
