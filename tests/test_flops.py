@@ -13,14 +13,7 @@ from maescale.flops import mae_flops_per_image, mfu, num_ckpt_blocks, param_coun
 from maescale.models import PRESETS, create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: with two, every op's OpenMP barrier stalls whenever another process
-    holds a core (a shared 2-core machine made these tests 5x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _MODELS: dict = {}

@@ -10,14 +10,7 @@ from maescale.memory import (GIB, ActivationProfile, activation_profile, live_pe
 from maescale.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: with two, every op's OpenMP barrier stalls whenever another process
-    holds a core (a shared 2-core machine made these tests 5x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("stage,expected", [

@@ -153,10 +153,24 @@ def machine_info() -> dict[str, Any]:
             "libjpeg_version": features.version("jpg")}
 
 
+def _image_set(base: str, name: str, width: int, height: int, count: int, batch_size: int) -> tuple[int, str, str, int]:
+    """Generate one benchmark image set as a folder and as shards: (count, folder, shard glob, bytes)."""
+    from maescale.data.shards import make_shards
+
+    count = max(batch_size * 2, count // batch_size * batch_size)
+    folder = os.path.join(base, name, "folder")
+    shard_dir = os.path.join(base, name, "shards")
+    t0 = time.perf_counter()
+    total = generate_images(folder, count, width, height, processes=os.cpu_count() or 1)
+    make_shards(folder, shard_dir, maxcount=256, overwrite=True)
+    logger.info("%s: generated %d images (%.0f kB mean) in %.1fs", name, count, total / count / 1e3,
+                time.perf_counter() - t0)
+    return count, folder, os.path.join(shard_dir, "shard-*.tar"), total
+
+
 def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, workers: int = 1, batch_size: int = 32,
                   img_size: int = 224, repeats: int = 3, workdir: str | None = None, keep: bool = False) -> dict[str, Any]:
     """Generate the image sets, run every loader on them, return the results (see module doc)."""
-    from maescale.data.shards import make_shards
 
     num_large = num_large if num_large is not None else max(batch_size * 3, num_images // 4)
     base = workdir or tempfile.mkdtemp(prefix="maescale-bench-")
@@ -170,16 +184,8 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
     }
     try:
         for name, width, height in IMAGE_SETS:
-            count = num_images if width < 1000 else num_large
-            count = max(batch_size * 2, count // batch_size * batch_size)
-            folder = os.path.join(base, name, "folder")
-            shard_dir = os.path.join(base, name, "shards")
-            t0 = time.perf_counter()
-            total = generate_images(folder, count, width, height, processes=os.cpu_count() or 1)
-            make_shards(folder, shard_dir, maxcount=256, overwrite=True)
-            logger.info("%s: generated %d images (%.0f kB mean) in %.1fs", name, count, total / count / 1e3,
-                        time.perf_counter() - t0)
-            shards = os.path.join(shard_dir, "shard-*.tar")
+            count, folder, shards, total = _image_set(base, name, width, height,
+                                                      num_images if width < 1000 else num_large, batch_size)
             best: dict[str, float] = {}
             runs_log: dict[str, list[float]] = {}
             for r in range(repeats):
@@ -266,7 +272,6 @@ def run_gpu_decode_benchmark(*, num_images: int = 512, num_large: int | None = N
                              keep: bool = False) -> dict[str, Any]:
     """CPU milliseconds per image in the worker with and without ``data.gpu_decode`` (best of
     ``repeats``), on the same image sets as :func:`run_benchmark`."""
-    from maescale.data.shards import make_shards
 
     num_large = num_large if num_large is not None else max(batch_size * 3, num_images // 4)
     base = workdir or tempfile.mkdtemp(prefix="maescale-bench-gpu-")
@@ -281,13 +286,8 @@ def run_gpu_decode_benchmark(*, num_images: int = 512, num_large: int | None = N
     torch.set_num_threads(1)
     try:
         for name, width, height in IMAGE_SETS:
-            count = num_images if width < 1000 else num_large
-            count = max(batch_size * 2, count // batch_size * batch_size)
-            folder = os.path.join(base, name, "folder")
-            shard_dir = os.path.join(base, name, "shards")
-            total = generate_images(folder, count, width, height, processes=os.cpu_count() or 1)
-            make_shards(folder, shard_dir, maxcount=256, overwrite=True)
-            shards = os.path.join(shard_dir, "shard-*.tar")
+            count, folder, shards, total = _image_set(base, name, width, height,
+                                                      num_images if width < 1000 else num_large, batch_size)
             best: dict[str, float] = {}
             for r in range(repeats):
                 runs = {
