@@ -107,16 +107,12 @@ def restore_rng(state: dict[str, Any], mask_gen: torch.Generator | None = None) 
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temp file and ``os.replace``, fsynced, so readers never see half."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temp file and ``os.replace``, fsynced, so readers never see half."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)

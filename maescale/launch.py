@@ -166,14 +166,6 @@ def latest_step(output_dir: str | os.PathLike) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_dist_env(environ: MutableMapping[str, str] | None = None):
     """Make ``environ`` describe this task's place in the job; returns the resulting ``DistEnv``.
 
@@ -185,7 +177,7 @@ def prepare_dist_env(environ: MutableMapping[str, str] | None = None):
     Under submitit's local executor (``SUBMITIT_LOCAL_*``) it writes the torchrun-style
     variables: master 127.0.0.1 and a port derived from the local job id, the same in every task.
     """
-    from maescale.distributed import _port_for_job, detect_env
+    from maescale.distributed import _port_for_job, detect_env, free_port
 
     env = os.environ if environ is None else environ
     executor = env.get("SUBMITIT_EXECUTOR", "")
@@ -193,7 +185,7 @@ def prepare_dist_env(environ: MutableMapping[str, str] | None = None):
         for key in (*_INHERITED_RANK_VARS, "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
         ntasks = int(env.get("SUBMITIT_LOCAL_NTASKS", "1"))
-        port = _port_for_job(env.get("SUBMITIT_LOCAL_JOB_ID")) if ntasks > 1 else _free_port()
+        port = _port_for_job(env.get("SUBMITIT_LOCAL_JOB_ID")) if ntasks > 1 else free_port()
         env.update({"RANK": env["SUBMITIT_LOCAL_GLOBALID"], "WORLD_SIZE": str(ntasks),
                     "LOCAL_RANK": env.get("SUBMITIT_LOCAL_LOCALID", "0"), "LOCAL_WORLD_SIZE": str(ntasks),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})

@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 
 from maescale.checkpoint import consolidated_state_dict, list_checkpoints, read_latest
+from maescale.distributed import free_port
+from maescale.launch import latest_step
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +71,19 @@ class SoakReport:
         return "\n".join(lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(faults: str | None) -> dict[str, str]:
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a fresh training job: no inherited rank/rendezvous/SLURM
+    variables or fault rules, one OpenMP thread, unbuffered output; then ``extra``."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "MAESCALE_FAULTS"))}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    if faults:
-        env["MAESCALE_FAULTS"] = faults
+    env.update(extra or {})
     return env
 
 
 def _cmd(nproc: int, config: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(_free_port()), str(REPO / "tools" / "train.py"), str(config), *overrides]
+            str(free_port()), str(REPO / "tools" / "train.py"), str(config), *overrides]
 
 
 def logged_step(run_dir: Path) -> int:
@@ -98,11 +94,6 @@ def logged_step(run_dir: Path) -> int:
     steps = [int(line.split(" maescale.train: step ")[1].split("/")[0]) for line in path.read_text().splitlines()
              if " maescale.train: step " in line]
     return max(steps, default=0)
-
-
-def _latest_step(run_dir: Path) -> int:
-    latest = read_latest(run_dir / "checkpoints")
-    return int(latest.name.split("_")[1]) if latest is not None else 0
 
 
 def _children(pid: int) -> list:
@@ -159,7 +150,7 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
                 "checkpoint.keep_last=2", "deepspeed.zero_stage=2", "train.precision=bf16", "data.num_workers=0"]
 
     ref = workdir / "reference"
-    subprocess.run(_cmd(nproc, config, overrides(ref)), env=_env(None), cwd=REPO, check=True,
+    subprocess.run(_cmd(nproc, config, overrides(ref)), env=clean_env(), cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     report = SoakReport(steps=steps, nproc=nproc)
     out = workdir / "soaked"
@@ -167,10 +158,11 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
     rng.shuffle(plan)
     faults = "train.after_step=sleep:0.05,checkpoint.before_commit=sleep:0.4"
     for kind in plan:
-        if _latest_step(out) >= steps:
+        if (latest_step(out) or 0) >= steps:
             break
-        proc = subprocess.Popen(_cmd(nproc, config, overrides(out)), env=_env(faults), cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(_cmd(nproc, config, overrides(out)), env=clean_env({"MAESCALE_FAULTS": faults}),
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         start_step = logged_step(out)
         if kind == "sigkill_start":
             time.sleep(rng.uniform(0.5, 4.0))
@@ -190,11 +182,11 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
                 _kill_tree(proc)
         code = proc.wait(timeout=300)
         _kill_tree(proc)  # nothing of this attempt may outlive it
-        latest = _latest_step(out)
+        latest = latest_step(out) or 0
         report.steps_recomputed += max(0, at_step - latest)
         report.kills.append(Kill(kind, at_step, latest, code))
         log.info("soak: %s at step %d -> latest checkpoint %d (exit %s)", kind, at_step, latest, code)
-    subprocess.run(_cmd(nproc, config, overrides(out)), env=_env(None), cwd=REPO, check=True,
+    subprocess.run(_cmd(nproc, config, overrides(out)), env=clean_env(), cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = out / "checkpoints"
     report.leftover_bytes = sum(_dir_bytes(p) for p in root.glob("*.partial"))

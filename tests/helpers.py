@@ -15,7 +15,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from maescale.soak import logged_step  # noqa: F401 (re-exported for the tests)
+from maescale.distributed import free_port
+from maescale.soak import clean_env, logged_step  # noqa: F401 (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -51,23 +52,7 @@ def train_cmd(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, str(REPO / "tools/train.py")]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(_free_port()), str(REPO / "tools/train.py")]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                    "MASTER_", "SLURM_"))}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra or {})
-    return env
+            "--master_port", str(free_port()), str(REPO / "tools/train.py")]
 
 
 def run_train(config: str | Path, overrides: list[str], nproc: int = 1, env: dict[str, str] | None = None,
