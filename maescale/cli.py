@@ -7,10 +7,7 @@ import sys
 from typing import Sequence
 
 from maescale.config import ConfigError, load_config
-
-# tools/train.py exit codes: 0 finished, 1 crashed, 2 bad input (config, checkpoint, data,
-# divergence), 3 stopped by a signal after writing a checkpoint (resumable: requeue me).
-EXIT_PREEMPTED = 3
+from maescale.exitcodes import BAD_INPUT, OK, PREEMPTED
 
 
 def train_cli(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +25,7 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
 
     from maescale.checkpoint import CheckpointError
     from maescale.data import DataError
@@ -39,10 +36,10 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
         result = main(cfg)
     except (CheckpointError, DataError, TrainingDiverged, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     finally:
         shutdown()
-    code = EXIT_PREEMPTED if result.status == "preempted" else 0
+    code = PREEMPTED if result.status == "preempted" else OK
     if result.rank != 0:
         return code
     if result.status == "finished":
@@ -57,7 +54,7 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
 
 
 def submit_cli(argv: Sequence[str] | None = None) -> int:
-    """``python tools/submit.py ...`` (see :mod:`maescale.launch`)."""
-    from maescale.launch import submit_main
+    """``python tools/submit.py ...`` (see :mod:`maescale.launch.submit`)."""
+    from maescale.launch.submit import submit_main
 
     return submit_main(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 import types
@@ -23,6 +24,10 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
+
+from maescale.rundir import write_text_atomic
+
+log = logging.getLogger("maescale.config")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,6 +88,7 @@ class DataConfig:
     shard_retries: int = 2  # attempts to reopen a shard that fails before skipping it
     max_image_pixels: int = 178_956_970  # PIL decompression-bomb limit (PIL's own default x2)
     gpu_decode: bool = False  # ship JPEG bytes, decode + crop on the GPU (nvjpeg)
+    synthetic: bool = False  # random images made on the device: no files (benchmarks, bottleneck hunts)
 
 
 @dataclass
@@ -185,12 +191,8 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the resolved config as YAML (atomically: temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
+        """Write the resolved config as YAML (atomically)."""
+        write_text_atomic(path, self.to_yaml())
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,10 +203,42 @@ class Config:
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (following ``base:`` chains), apply ``key=value`` overrides, validate."""
     raw: dict[str, Any] = load_yaml_with_bases(path) if path is not None else {}
+    apply_overrides(raw, overrides)
+    return config_from_dict(raw)
+
+
+# Pairs of keys of which a run sets exactly one: an override of one replaces the other's value
+# from the config files (``configs/vit_huge.yaml train.max_steps=100`` is a smoke test of a recipe
+# that sets ``train.epochs``).
+_EITHER_OR = (("train.max_steps", "train.epochs"),)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
+    """Apply dotted ``key=value`` overrides to a raw config mapping, in order.
+
+    An override of one key of an either-or pair (``train.max_steps`` / ``train.epochs``) clears
+    the other when the overrides do not set it too (logged); both set together stays an error.
+    """
+    given = {}
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    return config_from_dict(raw)
+        given[key] = value
+    for pair in _EITHER_OR:
+        for key, other in (pair, pair[::-1]):
+            if given.get(key) is not None and other not in given and _get_dotted(raw, other) is not None:
+                log.warning("%s=%s given: dropping %s=%s of the config file (set exactly one of the two)",
+                            key, given[key], other, _get_dotted(raw, other))
+                set_dotted(raw, other, None)
+
+
+def _get_dotted(raw: Mapping[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:

@@ -98,7 +98,7 @@ def _expand_host(item: str) -> list[str]:
     return out
 
 
-def _port_for_job(job_id: str | None) -> int:
+def port_for_job(job_id: str | None) -> int:
     # All tasks of a job must agree on a port without talking; derive it from the job id so two
     # jobs sharing a first node are unlikely to collide.
     if job_id and job_id.isdigit():
@@ -137,7 +137,7 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             local_world_size=local_world,
             master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
-            master_port=int(env.get("MASTER_PORT") or _port_for_job(env.get("SLURM_JOB_ID"))),
+            master_port=int(env.get("MASTER_PORT") or port_for_job(env.get("SLURM_JOB_ID"))),
             source="slurm",
         )
     return DistEnv(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0) or 0), "single")

@@ -78,10 +78,11 @@ import torch
 import torch.nn.functional as F
 
 from maescale import __version__
-from maescale.checkpoint import (MANIFEST, TAG_RE, TRAINER_STATE, CheckpointError, consolidated_state_dict,
-                                 list_checkpoints, read_latest, tag_for_step, validate_checkpoint)
+from maescale.checkpoint import (MANIFEST, TRAINER_STATE, CheckpointError, consolidated_state_dict,
+                                 validate_checkpoint)
 from maescale.config import IMAGENET_MEAN, IMAGENET_STD
 from maescale.models import DECODER_KEYS, PRESETS, MaskedAutoencoderViT, timm_encoder_kwargs
+from maescale.rundir import CHECKPOINTS, CONFIG, LATEST, PARTIAL, RunDir, atomic_output, step_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -136,30 +137,31 @@ class Source:
 def find_checkpoint(path: Path, step: int | None = None) -> tuple[Path, Path | None]:
     """``(checkpoint directory, run directory or None)`` for a run dir (``latest`` or ``step``),
     its ``checkpoints/`` folder, or a checkpoint directory itself."""
-    if (path / "checkpoints").is_dir() or (path / "latest").is_file():
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        available = list_checkpoints(root)
+    if (path / CHECKPOINTS).is_dir() or (path / LATEST).is_file():
+        run = RunDir(path if (path / CHECKPOINTS).is_dir() else path.parent)
+        available = run.list_checkpoints()
         if step is not None:
-            ckpt = root / tag_for_step(step)
+            ckpt = run.checkpoint(step)
             if not ckpt.is_dir():
                 have = ", ".join(str(s) for s, _ in sorted(available)) or "none"
-                raise ExportError(f"{root} has no checkpoint of step {step} (steps there: {have})")
-            return ckpt, root.parent
-        latest = read_latest(root)
+                raise ExportError(f"{run.checkpoints} has no checkpoint of step {step} (steps there: {have})")
+            return ckpt, run.path
+        latest = run.latest()
         if latest is not None and latest.is_dir():
-            return latest, root.parent
+            return latest, run.path
         if available:
-            log.warning("%s: no valid 'latest' pointer; using the newest checkpoint %s", root, available[0][1].name)
-            return available[0][1], root.parent
-        raise ExportError(f"{path} holds no checkpoint: {root} has no 'latest' and no step_* directories")
-    if path.name.endswith(".partial"):
+            log.warning("%s: no valid 'latest' pointer; using the newest checkpoint %s", run.checkpoints,
+                        available[0][1].name)
+            return available[0][1], run.path
+        raise ExportError(f"{path} holds no checkpoint: {run.checkpoints} has no 'latest' and no step_* directories")
+    if path.name.endswith(PARTIAL):
         raise ExportError(f"{path} is an incomplete checkpoint (an interrupted save); use a complete one")
-    match = TAG_RE.match(path.name)
-    if match or (path / MANIFEST).is_file() or (path / TRAINER_STATE).is_file():
-        if step is not None and match and int(match.group(1)) != step:
+    tag_step = step_of(path)
+    if tag_step is not None or (path / MANIFEST).is_file() or (path / TRAINER_STATE).is_file():
+        if step is not None and tag_step is not None and tag_step != step:
             raise ExportError(f"step={step} contradicts the checkpoint directory {path}; pass the run directory "
                               "to choose a step")
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else None
         return path, run_dir
     raise ExportError(f"{path} holds no checkpoint: expected a run directory (with checkpoints/), a checkpoint "
                       "directory (checkpoints/step_XXXXXXXX) or a .pth/.safetensors weights file")
@@ -177,7 +179,7 @@ def load_source(path: str | os.PathLike, step: int | None = None, model: str | N
         try:
             return _load_checkpoint_dir(ckpt, run_dir, model)
         except ExportError as exc:
-            others = [s for s, c in list_checkpoints(ckpt.parent) if c != ckpt]
+            others = [s for s, c in RunDir(ckpt.parent.parent).list_checkpoints() if c != ckpt]
             if step is None and others and ckpt.resolve() != p.resolve():  # chosen through 'latest'
                 raise ExportError(f"{exc} (--step N exports another checkpoint of the run; steps there: "
                                   f"{', '.join(str(s) for s in sorted(others))})") from None
@@ -190,7 +192,7 @@ def load_source(path: str | os.PathLike, step: int | None = None, model: str | N
 def _read_config(ckpt: Path, run_dir: Path | None) -> tuple[dict[str, Any], Path] | None:
     import yaml
 
-    for candidate in (ckpt / "config.yaml", run_dir / "config.yaml" if run_dir else None):
+    for candidate in (ckpt / CONFIG, RunDir(run_dir).config if run_dir else None):
         if candidate is not None and candidate.is_file():
             try:
                 raw = yaml.safe_load(candidate.read_text()) or {}
@@ -213,8 +215,7 @@ def _load_checkpoint_dir(ckpt: Path, run_dir: Path | None, model: str | None) ->
     try:
         step = int(json.loads((ckpt / TRAINER_STATE).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        match = TAG_RE.match(ckpt.name)
-        step = int(match.group(1)) if match else None
+        step = step_of(ckpt)
     try:
         state = consolidated_state_dict(ckpt)
     except CheckpointError as exc:
@@ -380,7 +381,7 @@ def _check_fits(src: Source, what: str) -> None:
         raise ExportError(f"the weights of {src.path} do not match {what}: {'; '.join(problems[:6])}{more}")
 
 
-def build_model(src: Source, *, state: dict[str, torch.Tensor] | None = None, img_size: int | None = None,
+def model_from_source(src: Source, *, state: dict[str, torch.Tensor] | None = None, img_size: int | None = None,
                 patch_size: int | None = None, with_decoder: bool = False,
                 device: str | torch.device = "cpu") -> MaskedAutoencoderViT:
     """An eval-mode :class:`MaskedAutoencoderViT` on ``device`` holding ``state`` (default: the
@@ -451,11 +452,6 @@ def pick_format(output: Path, fmt: str | None) -> str:
     return fmt
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_encoder(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], fmt: str) -> None:
     """Write ``tensors`` and ``meta`` in ``fmt`` (no atomicity here: see :func:`export_encoder`)."""
     if fmt == "safetensors":
@@ -464,7 +460,6 @@ def save_encoder(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
         save_file(tensors, str(path), metadata={"format": "pt", META_KEY: json.dumps(meta)})
     else:
         torch.save({"model": tensors, META_KEY: meta}, path)
-    _fsync(path)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)  # safetensors creates files 0600; give both formats the usual mode
@@ -564,7 +559,7 @@ def verify_export(path: Path, meta: dict[str, Any], src: Source, converted: dict
     with _exact_matmul(dev):
         got = tm.forward_features(x)
         as_written = {k: v.to(dtype).float() for k, v in converted.items()}
-        ref = build_model(src, state=as_written, img_size=img, patch_size=patch, device=dev).forward_features(x)
+        ref = model_from_source(src, state=as_written, img_size=img, patch_size=patch, device=dev).forward_features(x)
         err = max_rel_err(got, ref)
         report.update(features_max_rel_err=err, tolerance=FP32_RTOL,
                       reference="maescale forward_features (float32) with the exported weights")
@@ -572,7 +567,7 @@ def verify_export(path: Path, meta: dict[str, Any], src: Source, converted: dict
             raise ExportError(f"verification failed: timm's features differ from maescale's by {err:.3g} (max abs "
                               f"error relative to the largest feature), more than {FP32_RTOL:g}")
         if dtype != torch.float32:
-            full = build_model(src, state=converted, img_size=img, patch_size=patch, device=dev).forward_features(x)
+            full = model_from_source(src, state=converted, img_size=img, patch_size=patch, device=dev).forward_features(x)
             drift = max_rel_err(got, full)
             report.update(dtype_drift_max_rel_err=drift, dtype_tolerance=BF16_RTOL)
             if not drift <= BF16_RTOL:
@@ -581,7 +576,7 @@ def verify_export(path: Path, meta: dict[str, Any], src: Source, converted: dict
         if resampled:
             x0 = smooth_images(VERIFY_BATCH, src.in_chans, src.img_size).to(dev)
             x1 = F.interpolate(x0, size=(img, img), mode="bicubic", align_corners=False)
-            original = build_model(src, device=dev).forward_features(x0)
+            original = model_from_source(src, device=dev).forward_features(x0)
             sim = resample_similarity(original, tm.forward_features(x1))
             report["resample_check"] = {**sim, "threshold": min_cosine,
                                         "images": f"{VERIFY_BATCH} smooth images at {src.img_size}px, resized "
@@ -636,12 +631,6 @@ def build_metadata(src: Source, img_size: int, patch_size: int, dtype: str) -> d
     }
 
 
-def _remove(*paths: Path) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
 def export_encoder(source: str | os.PathLike, output: str | os.PathLike, *, step: int | None = None,
                    fmt: str | None = None, dtype: str = "float32", img_size: int | None = None,
                    patch_size: int | None = None, verify: bool = True, force: bool = False,
@@ -677,35 +666,27 @@ def export_encoder(source: str | os.PathLike, output: str | os.PathLike, *, step
     # write whole (decoder included) and safetensors refuses.
     tensors = {k: v.detach().to(DTYPES[dtype]).contiguous().clone() for k, v in converted.items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".safetensors" if fmt == "safetensors" else ".pth"  # timm picks its reader by suffix
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{suffix}")
-    side, side_tmp = sidecar_path(out), sidecar_path(out).with_name(f".{sidecar_path(out).name}.tmp{os.getpid()}")
+    side = sidecar_path(out)
+    wrote_side = False
     try:
-        save_encoder(tmp, tensors, meta, fmt)
-        report = None
-        if verify:
-            log.info("verifying: loading %s into timm and comparing features on %s", tmp.name, device)
-            report = verify_export(tmp, meta, src, converted, DTYPES[dtype], device=device, min_cosine=min_cosine)
-        with open(side_tmp, "w") as f:
-            json.dump({**meta, "file": out.name, "file_format": fmt, "notes": src.notes, "verification": report},
-                      f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(side_tmp, side)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            _remove(side)
-            raise
+        # Both files appear only once the weights are written and verified, the weights last.
+        with atomic_output(out, keep_suffix=True) as tmp:  # timm picks its reader by the suffix
+            save_encoder(tmp, tensors, meta, fmt)
+            report = None
+            if verify:
+                log.info("verifying: loading %s into timm and comparing features on %s", tmp.name, device)
+                report = verify_export(tmp, meta, src, converted, DTYPES[dtype], device=device, min_cosine=min_cosine)
+            write_json_atomic(side, {**meta, "file": out.name, "file_format": fmt, "notes": src.notes,
+                                     "verification": report}, indent=2)
+            wrote_side = True
     except BaseException:
-        _remove(tmp, side_tmp)
+        if wrote_side:
+            side.unlink(missing_ok=True)
         raise
     log.info("wrote %s (%s, %s, %d tensors)%s", out, fmt, dtype, len(tensors), "; verified" if verify else "")
     return ExportResult(output=out, sidecar=side, metadata=meta, verification=report, notes=list(src.notes))
 
 
 __all__ = ["ExportError", "ExportResult", "Source", "export_encoder", "load_source", "find_checkpoint",
-           "infer_preset", "build_model", "encoder_state", "resample_encoder", "read_export", "sidecar_path",
+           "infer_preset", "model_from_source", "encoder_state", "resample_encoder", "read_export", "sidecar_path",
            "verify_export", "resample_similarity", "smooth_images", "FP32_RTOL", "BF16_RTOL", "MIN_COSINE"]

@@ -14,7 +14,10 @@ from typing import Mapping, Sequence
 
 import torch
 
+from maescale.rundir import TENSORBOARD, atomic_output
+
 log = logging.getLogger(__name__)
+_progress = logging.getLogger("maescale.train")  # the step lines belong to the loop's log
 
 
 class TensorBoardLogger:
@@ -22,7 +25,7 @@ class TensorBoardLogger:
 
     def __init__(self, output_dir: str | Path, enabled: bool):
         self.writer = None
-        self.log_dir = Path(output_dir) / "tensorboard"
+        self.log_dir = Path(output_dir) / TENSORBOARD
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -87,6 +90,43 @@ class StepTimer:
         return out
 
 
+class ProgressLog:
+    """What rank 0 reports every ``train.log_every`` steps: one log line, the TensorBoard scalars
+    (loss, lr, grad norm, throughput, MFU, memory, data counters) and the progress bar's text."""
+
+    def __init__(self, tb: TensorBoardLogger, total_steps: int, world_size: int, model_flops: float,
+                 hw_flops: float, peak: float | None, device: torch.device, bar=None):
+        self.tb, self.total_steps, self.world_size = tb, total_steps, world_size
+        self.model_flops, self.hw_flops, self.peak = model_flops, hw_flops, peak
+        self.device, self.bar = device, bar
+        self.timer = StepTimer()
+
+    def report(self, step: int, loss: float, lr: float, grad_norm: float | None, epoch: int,
+               data_stats: Mapping[str, int], extra: Mapping[str, float] | None = None) -> None:
+        """Log the interval since the last report and start a new one."""
+        perf = self.timer.summary(self.world_size, self.model_flops, self.peak)
+        values: dict[str, float | None] = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                           "train/epoch": float(epoch), **perf, **(extra or {})}
+        if self.hw_flops != self.model_flops and perf["perf/tflops_per_gpu"] is not None:
+            values["perf/hardware_tflops_per_gpu"] = perf["perf/tflops_per_gpu"] * self.hw_flops / self.model_flops
+        for key, count in data_stats.items():
+            values[f"data/{key}"] = float(count)
+        if self.device.type == "cuda":
+            values["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.tb.scalars(step, values)
+        mfu = perf["perf/mfu"]
+        line = (f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
+                f"{'n/a' if grad_norm is None else f'{grad_norm:.3f}'} img/s {perf['perf/images_per_s']:.1f} "
+                f"({perf['perf/images_per_s_per_gpu']:.1f}/gpu) data_wait {100 * perf['perf/data_wait_fraction']:.0f}% "
+                f"step {perf['perf/step_time_s'] * 1000:.0f}ms" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+        if "memory/max_allocated_gb" in values:
+            line += f" mem {values['memory/max_allocated_gb']:.1f}GB"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2g}")
+        _progress.info(line)
+        self.timer.reset()
+
+
 def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -117,11 +157,11 @@ def reconstruction_grid(model, imgs: torch.Tensor, pred: torch.Tensor, mask: tor
 
 
 def save_png(chw: torch.Tensor, path: str | Path) -> Path:
-    """Write a CHW float image in [0, 1] as PNG."""
+    """Write a CHW float image in [0, 1] as PNG (atomically)."""
     from PIL import Image
 
     arr = (chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
     return path

@@ -12,7 +12,6 @@ The same ``main`` runs under ``tools/train.py`` (one process), ``torchrun`` and 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -24,14 +23,14 @@ from typing import Any, Sequence
 import torch
 
 from maescale import __version__
-from maescale.checkpoint import (CheckpointError, CheckpointManager, capture_rng, is_world_size_independent,
-                                 load_pretrained_into, prepare_universal, read_trainer_state, restore_rng)
-from maescale.config import Config, deep_merge
+from maescale.checkpoint import CheckpointError, CheckpointManager, load_pretrained_into, plan_resume
+from maescale.config import Config
 from maescale.distributed import DistContext, agree_max, init_distributed
 from maescale.faults import fault_point, maybe_poison
-from maescale.engine import build_engine, effective_batch, make_schedule, set_lr
-from maescale.metrics import StepTimer, TensorBoardLogger, reconstruction_grid, save_png
+from maescale.metrics import ProgressLog, TensorBoardLogger, reconstruction_grid, save_png
 from maescale.models import build_model
+from maescale.optim import build_engine, effective_batch, make_schedule, set_lr
+from maescale.rundir import RunDir, tag_for_step
 
 log = logging.getLogger("maescale.train")
 
@@ -81,7 +80,7 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def setup_logging(rank: int, output_dir: Path) -> None:
+def setup_logging(rank: int, run: RunDir) -> None:
     """Rank 0 logs INFO to stderr and ``output_dir/logs/train.log``; other ranks warnings only."""
     root = logging.getLogger("maescale")
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -92,8 +91,8 @@ def setup_logging(rank: int, output_dir: Path) -> None:
             h.close()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if rank == 0:
-        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "logs" / "train.log"))
+        run.logs.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run.train_log))
     for h in handlers:
         h.setFormatter(fmt)
         h._maescale = True  # type: ignore[attr-defined]
@@ -118,37 +117,34 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     ``extra_stop_signals``: signals besides SIGTERM/SIGUSR1 that mean "checkpoint and stop"
     (the SLURM launcher adds the one submitit asks SLURM to send before the time limit).
     """
-    from maescale.data import build_train_loader, normalize_batch
+    from maescale.data.feed import build_feed
     from maescale.flops import peak_flops, train_flops_per_image
     from maescale.models.presets import PRESETS
 
-    # ---- 1. join the job, prepare the run directory
+    # ---- 1. join the job, plan the resume, record the config that runs
     ctx: DistContext = init_distributed(cfg.train.device, cfg.deepspeed.timeout_minutes)
     rank, world, device = ctx.env.rank, ctx.env.world_size, ctx.device
-    out = Path(cfg.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    setup_logging(rank, out)
-    if rank == 0:
-        cfg.save(out / "config.yaml")
-        log.info("maescale %s: run directory %s", __version__, out.resolve())
-
-    ckpt = CheckpointManager(out, rank, world, cfg.checkpoint.keep_last, ctx.control_group, cfg.to_yaml())
+    run = RunDir(cfg.output_dir)
+    setup_logging(rank, run)
+    ckpt = CheckpointManager(run.path, rank, world, cfg.checkpoint.keep_last, ctx.control_group)
     ckpt.clean_partials()
-    resume_path = _pick_resume(cfg, ckpt)
-    cfg, universal = _plan_resize(cfg, resume_path, ctx)
+    plan = plan_resume(cfg, ckpt)  # on another job size this re-derives grad_accum_steps
+    cfg = plan.cfg
+    ckpt.config_yaml = cfg.to_yaml()
+    if rank == 0:
+        cfg.save(run.config)
+        log.info("maescale %s: run directory %s", __version__, run.path.resolve())
 
     # ---- 2. model, data, engine
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
-    if cfg.model.init_from and resume_path is None:
+    if cfg.model.init_from and plan.path is None:
         load_pretrained_into(model, cfg.model.init_from)
         log.info("initialised from public MAE checkpoint %s", cfg.model.init_from)
     if cfg.model.compile:
         model.compile_blocks()
-    loader = build_train_loader(cfg.data, img_size=cfg.model.img_size, micro_batch_size=cfg.train.micro_batch_size,
-                                rank=rank, world_size=world, seed=cfg.train.seed)
-    total_steps, steps_per_epoch = plan_length(cfg, loader.batches_per_epoch)
+    feed = build_feed(cfg, rank, world, device)  # normalised images on the device
+    total_steps, steps_per_epoch = plan_length(cfg, feed.batches_per_epoch)
     schedule = make_schedule(cfg, world, total_steps, steps_per_epoch)
     engine = build_engine(cfg, model, world, device)
     model = engine.module
@@ -158,44 +154,32 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
              cfg.deepspeed.zero_stage, cfg.train.precision)
 
     # ---- 3. resume
-    step, resumed_from = 0, None
     # Masks come from a generator of their own (per rank), so nothing else that draws random
     # numbers (DataLoader start-up, libraries) can shift them: resume stays exact.
     mask_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank + 1)
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)
-    if resume_path is not None:
-        state = ckpt.load(engine, resume_path, universal)
-        step = resumed_from = state.step
-        if "old_ranks" in state.rank_state:  # a job of another size wrote it
-            old = state.rank_state["old_ranks"]
-            if rank < len(old):
-                restore_rng(old[rank]["rng"], mask_gen)
-            loader.load_state_dict({"ranks": [o["data"] for o in old]})  # same global position
-        else:
-            restore_rng(state.rank_state["rng"], mask_gen)
-            loader.load_state_dict(state.rank_state["data"])
-        log.info("resumed from %s at step %d", resume_path, step)
-        if "old_ranks" in state.rank_state:
-            # Re-save in this job's layout at once: later resumes at this size need no conversion.
-            last_saved = _save(ckpt, engine, loader, cfg, step, total_steps, loader.epoch, mask_gen)
-            log.info("checkpoint %s rewritten for %d processes", last_saved, world)
+    step = plan.restore(ckpt, engine, feed, mask_gen)
+    resumed_from = step if plan.path is not None else None
+    last_checkpoint: Path | None = plan.path
+    if plan.resized:  # rewrite at once in this job's layout: later resumes at this size need no conversion
+        last_checkpoint = _save(ckpt, engine, feed, cfg, step, total_steps, mask_gen) or last_checkpoint
+        log.info("checkpoint %s rewritten for %d processes", last_checkpoint, world)
 
     # ---- 4. the loop
     model_flops, hw_flops = train_flops_per_image(PRESETS[cfg.model.name], cfg.model.img_size,
                                                   cfg.model.mask_ratio, cfg.model.act_ckpt_every)
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.train.peak_tflops,
                       dtype=cfg.train.precision)
-    tb = TensorBoardLogger(out, enabled=rank == 0)
+    tb = TensorBoardLogger(run.path, enabled=rank == 0)
     signals = StopSignals(cfg.checkpoint.on_signal, extra_stop_signals)
-    timer = StepTimer()
     bar = _progress_bar(cfg, rank, step, total_steps)
+    progress = ProgressLog(tb, total_steps, world, model_flops, hw_flops, peak, device, bar)
+    timer = progress.timer
     mean, std = cfg.data.mean, cfg.data.std
     last_save_time = time.monotonic()
-    last_checkpoint: Path | None = resume_path
     loss_sum = torch.zeros((), device=device)
     loss_count, last_loss, status = 0, None, "finished"
     nonfinite_streak = nonfinite_total = 0
-    data_iter = iter(loader)
     imgs = pred = mask = None  # the last micro-batch, for the final reconstruction picture
     batch_images = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
 
@@ -204,9 +188,8 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
         set_lr(engine.optimizer, lr)
         for _ in range(cfg.train.grad_accum_steps):
             t0 = time.perf_counter()
-            batch = next(data_iter)
+            imgs = next(feed)
             timer.add_data_wait(time.perf_counter() - t0)
-            imgs = normalize_batch(batch.to(device, non_blocking=True), mean, std, torch.float32)
             imgs = maybe_poison(imgs, step + 1)  # fault injection for tests; a no-op in real runs
             noise = torch.rand(imgs.shape[0], model.grid_size**2, device=device, generator=mask_gen)
             loss, pred, mask = engine(imgs, noise=noise)
@@ -233,11 +216,12 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
             bar.update(1)
 
         if step % cfg.train.log_every == 0 or step == total_steps:
-            last_loss = _log_step(cfg, tb, timer, step, total_steps, loss_sum, loss_count, lr, engine, loader,
-                                  world, model_flops, hw_flops, peak, device, bar)
+            last_loss = (loss_sum / max(loss_count, 1)).item()  # the one host sync, every log_every steps
+            grad_norm = engine.get_global_grad_norm()
+            progress.report(step, last_loss, lr, float(grad_norm) if grad_norm is not None else None, feed.epoch,
+                            feed.stats())
             loss_sum.zero_()
             loss_count = 0
-            timer.reset()
         if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
             tb.image(step, "reconstruction", reconstruction_grid(model, imgs, pred, mask, mean, std))
 
@@ -246,13 +230,13 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
         stop, time_due = agree_max([int(signals.requested), int(time_due)], ctx.control_group)
         step_due = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
         if stop or time_due or step_due or step == total_steps:
-            saved = _save(ckpt, engine, loader, cfg, step, total_steps, loader.epoch, mask_gen)
+            saved = _save(ckpt, engine, feed, cfg, step, total_steps, mask_gen)
             if saved is not None:
                 last_checkpoint = saved
                 last_save_time = time.monotonic()
         if stop:
             status = "preempted"
-            if last_checkpoint is not None and last_checkpoint.name == f"step_{step:08d}":
+            if last_checkpoint is not None and last_checkpoint.name == tag_for_step(step):
                 log.warning("stop signal received: checkpoint at step %d written, exiting for requeue", step)
             else:
                 log.error("stop signal received but the checkpoint at step %d failed; a resume starts from %s",
@@ -264,14 +248,15 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
         bar.close()
     if rank == 0 and status == "finished" and imgs is not None:
         grid = reconstruction_grid(model, imgs, pred, mask, mean, std)
-        png = save_png(grid, out / "reconstruction.png")
+        png = save_png(grid, run.reconstruction)
         tb.image(step, "reconstruction", grid)
         log.info("done: %d steps. checkpoint %s, TensorBoard events %s, reconstruction %s",
                  step, last_checkpoint, tb.log_dir, png)
     tb.close()
     signals.restore()
+    feed.close()
     engine.destroy()  # release ZeRO state and helper threads before interpreter teardown
-    return TrainResult(status, rank, step, total_steps, out, last_checkpoint, resumed_from, last_loss,
+    return TrainResult(status, rank, step, total_steps, run.path, last_checkpoint, resumed_from, last_loss,
                        tuple(signals.history))
 
 
@@ -280,92 +265,17 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _pick_resume(cfg: Config, ckpt: CheckpointManager) -> Path | None:
-    """Which checkpoint to resume from, per ``cfg.resume`` (True: newest valid; False; a path)."""
-    if cfg.resume is False:
-        if ckpt.candidates():
-            raise CheckpointError(f"resume=false but {ckpt.root} already holds checkpoints: pick a new output_dir, "
-                                  "or resume=true to continue that run")
-        return None
-    explicit = cfg.resume if isinstance(cfg.resume, str) else None
-    path = ckpt.find_valid(explicit)
-    if path is None and ckpt.candidates():
-        log.warning("no valid checkpoint in %s: starting from scratch", ckpt.root)
-    return path
-
-
-def _plan_resize(cfg: Config, resume_path: Path | None, ctx: DistContext) -> tuple[Config, Path | None]:
-    """Resuming on another number of processes: keep the effective batch (so the step count,
-    lr schedule and epoch length keep their meaning) by re-deriving ``grad_accum_steps``, and
-    convert sharded optimizer state to DeepSpeed's universal form. Returns (cfg, universal dir)."""
-    if resume_path is None:
-        return cfg, None
-    saved = read_trainer_state(resume_path)
-    old_world, world = int(saved["world_size"]), ctx.env.world_size
-    if old_world == world:
-        return cfg, None
-    old_batch = int(saved["micro_batch_size"]) * int(saved["grad_accum_steps"]) * old_world
-    per_micro_step = cfg.train.micro_batch_size * world
-    if old_batch % per_micro_step:
-        raise CheckpointError(
-            f"checkpoint {resume_path} was trained by {old_world} processes with an effective batch of {old_batch}; "
-            f"{world} processes x train.micro_batch_size={cfg.train.micro_batch_size} cannot make {old_batch}. "
-            f"Set train.micro_batch_size (and train.grad_accum_steps) so that micro x accum x {world} = {old_batch}.")
-    accum = old_batch // per_micro_step
-    if accum != cfg.train.grad_accum_steps:
-        log.warning("resuming a %d-process run on %d processes: train.grad_accum_steps %d -> %d keeps the "
-                    "effective batch at %d", old_world, world, cfg.train.grad_accum_steps, accum, old_batch)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
-    universal = None
-    if not is_world_size_independent(resume_path):
-        universal = prepare_universal(resume_path, ctx.env.rank, ctx.control_group)
-        extra = deep_merge(cfg.deepspeed.extra, {"checkpoint": {"load_universal": True}})
-        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, extra=extra))
-    return cfg, universal
-
-
-def _save(ckpt: CheckpointManager, engine, loader, cfg: Config, step: int, total_steps: int, epoch: int,
+def _save(ckpt: CheckpointManager, engine, feed, cfg: Config, step: int, total_steps: int,
           mask_gen: torch.Generator) -> Path | None:
-    trainer_state = {"epoch": epoch, "total_steps": total_steps, "model": cfg.model.name,
-                     "maescale_version": __version__, "zero_stage": cfg.deepspeed.zero_stage,
-                     "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
-    rank_state = {"rng": capture_rng(mask_gen), "data": loader.state_dict()}
+    """A checkpoint of this step; a failed write is retried at the next interval (``checkpoint.on_write_error``)."""
     try:
-        return ckpt.save(engine, step, trainer_state, rank_state)
+        return ckpt.save_training(engine, step, cfg, total_steps, feed.epoch, feed.state_dict(), mask_gen)
     except (OSError, CheckpointError) as exc:
         if cfg.checkpoint.on_write_error == "stop":
             raise
         log.error("checkpoint at step %d failed (%s); 'latest' still names the previous one; "
                   "retrying at the next interval (checkpoint.on_write_error=retry)", step, exc)
         return None
-
-
-def _log_step(cfg, tb, timer, step, total_steps, loss_sum, loss_count, lr, engine, loader, world,
-              model_flops, hw_flops, peak, device, bar) -> float:
-    loss = (loss_sum / max(loss_count, 1)).item()  # the one host sync, every log_every steps
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else None
-    perf = timer.summary(world, model_flops, peak)
-    values: dict[str, float | None] = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                       "train/epoch": float(loader.epoch), **perf}
-    if hw_flops != model_flops and perf["perf/tflops_per_gpu"] is not None:
-        values["perf/hardware_tflops_per_gpu"] = perf["perf/tflops_per_gpu"] * hw_flops / model_flops
-    for key, count in loader.stats().items():
-        values[f"data/{key}"] = float(count)
-    if device.type == "cuda":
-        values["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    tb.scalars(step, values)
-    mfu = perf["perf/mfu"]
-    line = (f"step {step}/{total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
-            f"{'n/a' if grad_norm is None else f'{grad_norm:.3f}'} img/s {perf['perf/images_per_s']:.1f} "
-            f"({perf['perf/images_per_s_per_gpu']:.1f}/gpu) data_wait {100 * perf['perf/data_wait_fraction']:.0f}% "
-            f"step {perf['perf/step_time_s'] * 1000:.0f}ms" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else ""))
-    if "memory/max_allocated_gb" in values:
-        line += f" mem {values['memory/max_allocated_gb']:.1f}GB"
-    if bar is not None:
-        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2g}")
-    log.info(line)
-    return loss
 
 
 def _progress_bar(cfg: Config, rank: int, step: int, total: int):

@@ -16,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from maescale.distributed import free_port
-from maescale.soak import clean_env, logged_step  # noqa: F401 (re-exported for the tests)
+from maescale.devtools.soak import clean_env, logged_step  # noqa: F401 (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -89,9 +89,10 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from maescale.checkpoint import consolidated_state_dict, read_latest
+    from maescale.checkpoint import consolidated_state_dict
+    from maescale.rundir import RunDir
 
-    latest = read_latest(run_dir / "checkpoints")
+    latest = RunDir(run_dir).latest()
     assert latest is not None, f"no latest checkpoint in {run_dir}"
     return consolidated_state_dict(latest)
 

@@ -92,11 +92,28 @@ def test_bad_values_name_the_key(override, key, fragment):
     assert key in str(info.value) and fragment in str(info.value)
 
 
-def test_steps_and_epochs_exclusive():
+def test_steps_and_epochs_exclusive(tmp_path):
+    # Both in the same place (the overrides, or one file) stays an error; so does neither.
     with pytest.raises(ConfigError, match="exactly one of train.max_steps and train.epochs"):
-        load_config(REPO / "configs/base.yaml", ["train.max_steps=10"])
+        load_config(REPO / "configs/base.yaml", ["train.max_steps=10", "train.epochs=3"])
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(REPO / "configs/base.yaml", ["train.epochs=null"])
+    both = tmp_path / "both.yaml"
+    both.write_text("base: " + str(REPO / "configs/base.yaml") + "\ntrain:\n  max_steps: 5\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(both)
+
+
+def test_override_of_one_of_steps_and_epochs_replaces_the_other(caplog):
+    # configs/vit_huge.yaml sets train.epochs: a smoke test overrides train.max_steps only.
+    with caplog.at_level("WARNING", logger="maescale.config"):
+        cfg = load_config(REPO / "configs/vit_huge.yaml", ["train.max_steps=100"])
+    assert (cfg.train.max_steps, cfg.train.epochs) == (100, None)
+    assert "dropping train.epochs=1600" in caplog.text
+    cfg = load_config(REPO / "configs/tiny.yaml", ["train.epochs=2"])  # tiny.yaml sets max_steps
+    assert (cfg.train.max_steps, cfg.train.epochs) == (None, 2.0)
+    cfg = load_config(REPO / "configs/tiny.yaml", ["train.max_steps=7"])  # nothing to drop, no warning
+    assert (cfg.train.max_steps, cfg.train.epochs) == (7, None)
 
 
 def test_file_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""Encoder export (maescale.export, tools/export_encoder.py) and visualisation (maescale.visualize,
+"""Encoder export (maescale.export, tools/export_encoder.py) and visualisation (maescale.devtools.visualize,
 tools/visualize.py) on checkpoints built here: fp32 DeepSpeed-layout checkpoint directories (the
 stage-0 path of ``consolidated_state_dict``) and MAE ``{"model": ...}`` files with generated
 weights. Real ZeRO-1/3 runs are in tests/e2e/test_export.py."""
@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from maescale.checkpoint import MANIFEST, file_crc32, tag_for_step
+from maescale.checkpoint import MANIFEST, file_crc32
+from maescale.rundir import tag_for_step
 from maescale.config import load_config
 from maescale.export import (BF16_RTOL, FP32_RTOL, MIN_COSINE, ExportError, export_encoder, load_source, read_export,
                              resample_similarity, sidecar_path, smooth_images)
 from maescale.models import PRESETS, MAEArch, MaskedAutoencoderViT, create_model
-from maescale.visualize import VisualizeError, visualize
+from maescale.devtools.visualize import VisualizeError, visualize
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "mae_vit_tiny_patch4"
@@ -566,7 +567,7 @@ def test_visualize_png_size_and_determinism(run, tmp_path):
     assert a.read_bytes() != c.read_bytes()
     grid = np.asarray(Image.open(a))
     # column 1 of row 0 is the original image, center-cropped and resized
-    from maescale.visualize import center_crop_resize
+    from maescale.devtools.visualize import center_crop_resize
 
     expected = center_crop_resize(Image.open(images / "img00.jpg"), 32).permute(1, 2, 0).numpy()
     assert np.abs(grid[:32, :32].astype(int) - expected.astype(int)).max() <= 1

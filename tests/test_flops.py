@@ -150,7 +150,7 @@ def test_bench_model_cli_tiny_cpu(repo_root, tmp_path, capsys):
 
 
 def test_variants_and_interleaved_run():
-    from maescale.bench import Variant, run_bench, variants_from
+    from maescale.devtools.bench import Variant, run_bench, variants_from
 
     assert len(variants_from(["sdpa", "math"], [False, True], [0, 1], "product")) == 8
     axes = variants_from(["sdpa", "math", "flash"], [False, True], [0, 1], "axes")

@@ -19,8 +19,11 @@ import pytest
 import yaml
 
 from maescale.config import load_config
-from maescale.launch import (EXIT_PREEMPTED, TrainJob, _ignore_late_signal, prepare_dist_env, read_requeues,
-                             record_requeue, slurm_folder, submit, submit_main)
+from maescale.exitcodes import PREEMPTED as EXIT_PREEMPTED
+from maescale.launch.job import TrainJob, _ignore_late_signal, prepare_dist_env, read_requeues, record_requeue
+from maescale.launch.submit import submit, submit_main
+from maescale.rundir import RunDir
+
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = REPO / "tests" / "fake_slurm"
@@ -225,7 +228,7 @@ def test_invalid_requests_fail_before_submission(tmp_path, fake_slurm, capsys, a
 
 
 def test_local_means_one_node(tmp_path, no_slurm, capsys):
-    from maescale.launch import build_parser, resolve_config
+    from maescale.launch.submit import build_parser, resolve_config
 
     cfg_path = write_config(tmp_path)  # slurm.nodes: 2
     assert resolve_config(build_parser().parse_args([str(cfg_path), "--local"])).slurm.nodes == 1
@@ -354,7 +357,7 @@ def submitit_task(tmp_path, monkeypatch, fake_slurm):
 
     out = tmp_path / "run"
     cfg = load_config(write_config(tmp_path, out, max_requeues=2), ["resume=false"])
-    folder = slurm_folder(out)
+    folder = RunDir(out).slurm
     folder.mkdir(parents=True)
     for k, v in {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder), "SLURM_JOB_ID": "12345",
                  "SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_LOCALID": "0"}.items():
@@ -529,3 +532,20 @@ def test_tools_submit_cli(tmp_path):
     assert "submitted job 12345" in proc.stdout
     assert "#SBATCH --nodes=4" in (tmp_path / "calls" / "sbatch_0.sh").read_text()
     assert shlex.split(proc.stdout.split("cancel:")[1]) == ["scancel", "12345"]
+
+
+def test_submitit_private_names():
+    """maescale uses a few submitit names that are not public API (no public way does the same):
+    fail loudly here, not on a cluster, when a submitit upgrade renames them."""
+    import inspect
+
+    from submitit import JobEnvironment, SlurmExecutor
+    from submitit.core.job_environment import SignalHandler
+
+    # launch/submit.py: the dry run renders the script without submitting
+    assert callable(getattr(SlurmExecutor, "_make_submission_file_text", None))
+    assert list(inspect.signature(SlurmExecutor._make_submission_file_text).parameters) == ["self", "command", "uid"]
+    assert isinstance(inspect.getattr_static(SlurmExecutor, "_submitit_command_str"), property)
+    # launch/job.py: the requeue goes through submitit's own handler, and its signal by name
+    assert callable(getattr(SignalHandler, "checkpoint_and_try_requeue", None))
+    assert isinstance(JobEnvironment.USR_SIG, str) and hasattr(signal, "SIG" + JobEnvironment.USR_SIG)

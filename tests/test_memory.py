@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maescale.memory import (GIB, ActivationProfile, activation_profile, live_peak_bytes, max_micro_batch,
+from maescale.devtools.memory import (GIB, ActivationProfile, activation_profile, live_peak_bytes, max_micro_batch,
                              memory_rows, model_state_bytes, saved_tensor_bytes)
 from maescale.models import create_model
 

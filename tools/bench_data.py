@@ -5,7 +5,7 @@
 
 Prints a table of images/s per worker process for ImageFolder + RandomResizedCrop + flip +
 ToTensor, the maescale pipeline (fast decode on and off) and reading the tar bytes only, for
-~500x375 and ~2000x1500 JPEGs (quality 90). The logic lives in :mod:`maescale.data.bench`.
+~500x375 and ~2000x1500 JPEGs (quality 90). The logic lives in :mod:`maescale.devtools.data_bench`.
 
     python tools/bench_data.py --gpu-decode [--num-images 512] [--json out.json]
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maescale.data.bench import (format_gpu_decode_table, format_table, run_benchmark,  # noqa: E402
+from maescale.devtools.data_bench import (format_gpu_decode_table, format_table, run_benchmark,  # noqa: E402
                                   run_gpu_decode_benchmark, write_json)
 
 

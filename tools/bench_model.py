@@ -10,7 +10,7 @@ Memory (model states per ZeRO stage, measured activation bytes, largest micro-ba
 
     python tools/bench_model.py --memory --presets mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14
 
-The logic lives in :mod:`maescale.bench`, :mod:`maescale.memory` and :mod:`maescale.flops`.
+The logic lives in :mod:`maescale.devtools.bench`, :mod:`maescale.devtools.memory` and :mod:`maescale.flops`.
 """
 
 import argparse
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maescale.bench import PRECISIONS, flops_summary, format_results, run_bench, variants_from  # noqa: E402
+from maescale.devtools.bench import PRECISIONS, flops_summary, format_results, run_bench, variants_from  # noqa: E402
 from maescale.models import PRESETS  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if args.memory:
-        from maescale.memory import format_memory_table, memory_rows
+        from maescale.devtools.memory import format_memory_table, memory_rows
 
         if len(args.measure_batches) != 2:
             raise SystemExit("--measure-batches takes two micro-batches, e.g. 2,4")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Preemption soak: kill a 2-process ZeRO-2 training K times at random, resume each time, and
-check the final weights equal an uninterrupted run's bit for bit (see maescale/soak.py).
+check the final weights equal an uninterrupted run's bit for bit (see maescale/devtools/soak.py).
 
     python tools/soak.py --workdir /tmp/soak --steps 40 --kills 8 [--json soak.json]
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maescale.data.demo import make_demo_data  # noqa: E402
-from maescale.soak import report_json, run_soak  # noqa: E402
+from maescale.devtools.soak import report_json, run_soak  # noqa: E402
 
 
 def main(argv=None) -> int:

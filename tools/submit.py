@@ -2,7 +2,7 @@
 """Submit an MAE training to SLURM: ``python tools/submit.py [--nodes N ...] CONFIG [key=value ...]``.
 
 Requeued and resumed automatically after preemption or at the time limit; ``--dry-run`` prints
-the sbatch script, ``--local`` runs the same job here. See ``maescale/launch.py`` and
+the sbatch script, ``--local`` runs the same job here. See ``maescale/launch/`` and
 ``slurm/README.md``.
 """
 

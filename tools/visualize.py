@@ -3,7 +3,7 @@
 
 ``python tools/visualize.py RUN_DIR_OR_CHECKPOINT --images DIR_OR_SHARDS --output out.png
 [--num N] [--seed S] [--mask-ratio R]``: rows of original | masked | reconstruction |
-reconstruction with the visible patches pasted back (see :mod:`maescale.visualize`).
+reconstruction with the visible patches pasted back (see :mod:`maescale.devtools.visualize`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from maescale.visualize import VisualizeError, visualize
+    from maescale.devtools.visualize import VisualizeError, visualize
 
     try:
         result = visualize(args.source, args.images, args.output, num=args.num, seed=args.seed,

@@ -482,16 +482,6 @@ class TrainLoader:
         """The epoch the next batch belongs to."""
         return self._epoch
 
-    @property
-    def batch_in_epoch(self) -> int:
-        """Index within its epoch of the next batch."""
-        return self._batch
-
-    @property
-    def batches_seen(self) -> int:
-        """Batches handed out since the start of training (over all epochs)."""
-        return self._epoch * self.batches_per_epoch + self._batch
-
     def _fingerprint(self) -> str:
         p = self.plan
         text = repr((p.names, p.counts, p.resampled))
@@ -514,18 +504,6 @@ class TrainLoader:
             "shuffle_buffer": p.shuffle_buffer,
             "shards": self._fingerprint(),
         }
-
-    def state_dict_all_ranks(self) -> dict:
-        """``{"ranks": [state of rank 0, rank 1, ...]}`` gathered with ``all_gather_object``
-        (a collective: call it on every rank); just this rank's when not distributed."""
-        import torch.distributed as dist
-
-        mine = self.state_dict()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            out: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(out, mine)
-            return {"ranks": out}
-        return {"ranks": [mine]}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` (this rank's, another rank's, or a ``{"ranks": [...]}``

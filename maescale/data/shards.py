@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from maescale.data.imageops import to_rgb
+from maescale.rundir import publish, temp_path, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.summary.shards):06d}.tar"
         self._name = name
-        self._tmp = self._path(f".{name}.tmp-{os.getpid()}")
+        self._tmp = str(temp_path(self._path(name)))
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
         self._count = 0
         self._size = 0
@@ -122,7 +123,7 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        os.replace(self._tmp, self._path(self._name))
+        publish(self._tmp, self._path(self._name))
         self.summary.shards[self._name] = self._count
         logger.debug("wrote %s: %d samples, %.1f MB", self._name, self._count, self._size / 1e6)
         self._tar = None
@@ -160,11 +161,7 @@ class ShardWriter:
             m = self._pattern.match(f)
             if m and f not in self.summary.shards:
                 os.remove(self._path(f))
-        tmp = self._path(f".sizes.json.tmp-{os.getpid()}")
-        with open(tmp, "w") as fh:
-            json.dump(self.summary.to_json(), fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, self._path("sizes.json"))
+        write_json_atomic(self._path("sizes.json"), self.summary.to_json(), indent=1)
         return self.summary
 
     def abort(self) -> None:

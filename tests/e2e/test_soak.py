@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from maescale.soak import KINDS, run_soak
+from maescale.devtools.soak import KINDS, run_soak
 
 pytestmark = pytest.mark.slow
 

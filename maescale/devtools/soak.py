@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from maescale.checkpoint import consolidated_state_dict, list_checkpoints, read_latest
+from maescale.checkpoint import consolidated_state_dict
 from maescale.distributed import free_port
-from maescale.launch import latest_step
+from maescale.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KINDS = ("sigterm", "sigkill", "sigkill_save", "sigkill_start")
 
 
@@ -88,7 +88,7 @@ def _cmd(nproc: int, config: Path, overrides: list[str]) -> list[str]:
 
 def logged_step(run_dir: Path) -> int:
     """Highest step number in the run's log so far (0 if none)."""
-    path = run_dir / "logs" / "train.log"
+    path = RunDir(run_dir).train_log
     if not path.exists():
         return 0
     steps = [int(line.split(" maescale.train: step ")[1].split("/")[0]) for line in path.read_text().splitlines()
@@ -158,7 +158,7 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
     rng.shuffle(plan)
     faults = "train.after_step=sleep:0.05,checkpoint.before_commit=sleep:0.4"
     for kind in plan:
-        if (latest_step(out) or 0) >= steps:
+        if (RunDir(out).latest_step() or 0) >= steps:
             break
         proc = subprocess.Popen(_cmd(nproc, config, overrides(out)), env=clean_env({"MAESCALE_FAULTS": faults}),
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -167,9 +167,7 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
         if kind == "sigkill_start":
             time.sleep(rng.uniform(0.5, 4.0))
         elif kind == "sigkill_save":
-            root = out / "checkpoints"
-            _wait(lambda: any((p / "rank_00000.json").exists() for p in root.glob("*.partial")) if root.exists()
-                  else False, proc, 300)
+            _wait(lambda: any((p / "rank_00000.json").exists() for p in RunDir(out).partials()), proc, 300)
         else:
             target = min(steps - 1, start_step + rng.randint(2, 8))
             _wait(lambda: logged_step(out) >= target, proc, 300)
@@ -182,17 +180,17 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
                 _kill_tree(proc)
         code = proc.wait(timeout=300)
         _kill_tree(proc)  # nothing of this attempt may outlive it
-        latest = latest_step(out) or 0
+        latest = RunDir(out).latest_step() or 0
         report.steps_recomputed += max(0, at_step - latest)
         report.kills.append(Kill(kind, at_step, latest, code))
         log.info("soak: %s at step %d -> latest checkpoint %d (exit %s)", kind, at_step, latest, code)
     subprocess.run(_cmd(nproc, config, overrides(out)), env=clean_env(), cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = out / "checkpoints"
-    report.leftover_bytes = sum(_dir_bytes(p) for p in root.glob("*.partial"))
-    report.checkpoint_bytes = sum(_dir_bytes(p) for _, p in list_checkpoints(root))
-    a = consolidated_state_dict(read_latest(ref / "checkpoints"))
-    b = consolidated_state_dict(read_latest(root))
+    run = RunDir(out)
+    report.leftover_bytes = sum(_dir_bytes(p) for p in run.partials())
+    report.checkpoint_bytes = sum(_dir_bytes(p) for _, p in run.list_checkpoints())
+    a = consolidated_state_dict(RunDir(ref).latest())
+    b = consolidated_state_dict(run.latest())
     report.identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     report.seconds = time.monotonic() - t0
     return report

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maescale.export import ExportError, Source, build_model, load_source
+from maescale.export import ExportError, Source, load_source, model_from_source
 from maescale.metrics import reconstruction_grid, save_png
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def visualize(source: str | os.PathLike, images: str | os.PathLike, output: str 
                              f"visible, got {ratio}")
     for note in src.notes:
         log.info("%s", note)
-    mae = build_model(src, with_decoder=True, device=device)
+    mae = model_from_source(src, with_decoder=True, device=device)
     batch, names = load_images(images, src.img_size, num, src.in_chans)
     imgs = normalize(batch, src.mean, src.std).to(device)
     gen = torch.Generator()
@@ -172,13 +172,7 @@ def visualize(source: str | os.PathLike, images: str | os.PathLike, output: str 
     out = Path(output)
     if out.is_dir():
         raise VisualizeError(f"--output {out} is a directory; give a file name such as {out / 'reconstruction.png'}")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    try:
-        save_png(grid, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_png(grid, out)
     _, h, w = grid.shape
     log.info("wrote %s (%dx%d): %d images, mask ratio %.2f, seed %s", out, w, h, len(names), ratio, seed)
     return VisualizeResult(output=out, height=h, width=w, images=names, mask_ratio=ratio, seed=seed,

@@ -1,6 +1,6 @@
-"""Checkpoints: save atomically, validate on load, keep the last K, resume from ``latest``.
+"""Checkpoint files: save atomically, validate, load, keep the last K.
 
-Layout of a run directory::
+Layout (the run directory's part is :mod:`maescale.rundir`)::
 
     output_dir/checkpoints/
         latest                      text file: the tag of the newest complete checkpoint
@@ -14,8 +14,8 @@ Layout of a run directory::
 
 Protocol: every rank writes into ``<tag>.partial``; after a barrier rank 0 checks every file,
 writes the manifest, renames the directory to ``<tag>`` (atomic on POSIX) and only then
-replaces ``latest`` (temp file + ``os.replace``). A crash at any point leaves ``latest`` on the
-previous complete checkpoint. Trainer state is JSON, never pickle.
+replaces ``latest`` (:func:`maescale.rundir.write_text_atomic`). A crash at any point leaves
+``latest`` on the previous complete checkpoint. Trainer state is JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import zlib
@@ -36,12 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from maescale import __version__
 from maescale.distributed import agree_max, barrier
 from maescale.faults import fault_point
+from maescale.rundir import PARTIAL, RunDir, fsync_dir, publish, tag_for_step, write_json_atomic, write_text_atomic
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("maescale.checkpoint")
 
-TAG_RE = re.compile(r"^step_(\d{8,})$")
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
@@ -49,14 +49,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run."""
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_root(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "checkpoints"
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,61 +98,12 @@ def restore_rng(state: dict[str, Any], mask_gen: torch.Generator | None = None) 
 # --------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON atomically (see :func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(obj))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and ``os.replace``, fsynced, so readers never see half."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
     crc = 0
     with open(path, "rb") as f:
         while block := f.read(chunk):
             crc = zlib.crc32(block, crc)
     return crc
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete-looking checkpoint dirs (``step_N``), newest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = TAG_RE.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
-
-
-def read_latest(root: Path) -> Path | None:
-    """The directory ``latest`` points at (None if there is no ``latest``)."""
-    latest = root / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return root / tag
 
 
 def validate_checkpoint(path: Path, check_crc: bool = True, shard: tuple[int, int] = (0, 1)) -> None:
@@ -208,7 +151,8 @@ class CheckpointManager:
 
     def __init__(self, output_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int,
                  control_group: object = None, config_yaml: str | None = None):
-        self.root = checkpoint_root(output_dir)
+        self.run = RunDir(output_dir)
+        self.root = self.run.checkpoints
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.group = control_group
         self.config_yaml = config_yaml
@@ -222,7 +166,7 @@ class CheckpointManager:
         """
         tag = tag_for_step(step)
         final = self.root / tag
-        partial = self.root / (tag + ".partial")
+        partial = self.root / (tag + PARTIAL)
         t0 = time.monotonic()
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -239,6 +183,15 @@ class CheckpointManager:
             self._prune()
             log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, _dir_bytes(final) / 1e6)
         return final
+
+    def save_training(self, engine, step: int, cfg: Any, total_steps: int, epoch: int, data_state: dict[str, Any],
+                      mask_gen: torch.Generator) -> Path:
+        """:meth:`save` with maescale's training state: the facts a resume (or a resize) checks in
+        ``trainer_state.json``, and this rank's RNG states and data position."""
+        trainer = {"epoch": epoch, "total_steps": total_steps, "model": cfg.model.name,
+                   "maescale_version": __version__, "zero_stage": cfg.deepspeed.zero_stage,
+                   "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+        return self.save(engine, step, trainer, {"rng": capture_rng(mask_gen), "data": data_state})
 
     def _together(self, what: str, fn, *args: Any) -> None:
         """Run ``fn`` on this rank, then agree with every rank on whether all succeeded: a failure
@@ -285,16 +238,15 @@ class CheckpointManager:
         if missing:
             raise CheckpointError(f"checkpoint {partial} lacks {sorted(missing)} after every rank reported success")
         write_json_atomic(partial / MANIFEST, {"format": FORMAT_VERSION, "files": files})
-        _fsync_dir(partial)
+        fsync_dir(partial)
         if final.exists():  # an older save of the same step that lost its 'latest' race
             shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(self.root)
-        write_text_atomic(self.root / "latest", final.name)
+        publish(partial, final)
+        self.run.set_latest(final)
 
     def _prune(self) -> None:
-        latest = read_latest(self.root)
-        for _, path in list_checkpoints(self.root)[self.keep_last:]:
+        latest = self.run.latest()
+        for _, path in self.run.list_checkpoints()[self.keep_last:]:
             if latest is not None and path.resolve() == latest.resolve():
                 continue
             shutil.rmtree(path, ignore_errors=True)
@@ -302,8 +254,8 @@ class CheckpointManager:
     def clean_partials(self) -> int:
         """Remove leftovers of interrupted saves (rank 0); returns the bytes freed."""
         freed = 0
-        if self.rank == 0 and self.root.is_dir():
-            for p in self.root.glob("*.partial"):
+        if self.rank == 0:
+            for p in self.run.partials():
                 freed += _dir_bytes(p)
                 shutil.rmtree(p, ignore_errors=True)
                 log.warning("removed incomplete checkpoint %s (an interrupted save)", p)
@@ -320,8 +272,8 @@ class CheckpointManager:
             if not path.is_dir():
                 raise CheckpointError(f"resume={explicit!r}: no checkpoint directory there")
             return [path]
-        found = [p for _, p in list_checkpoints(self.root)]
-        latest = read_latest(self.root)
+        found = [p for _, p in self.run.list_checkpoints()]
+        latest = self.run.latest()
         if latest is not None and latest in found:
             found.remove(latest)
             found.insert(0, latest)
@@ -389,38 +341,6 @@ def is_world_size_independent(path: Path) -> bool:
     return not list(Path(path).glob("*optim_states.pt"))
 
 
-UNIVERSAL_DIR = "universal"
-
-
-def prepare_universal(path: Path, rank: int, group: object = None) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal (world-size independent) form.
-
-    Rank 0 runs DeepSpeed's ``ds_to_universal`` into ``path/universal`` (once; a finished
-    conversion is reused) while the others wait. Returns that directory.
-    """
-    out = Path(path) / UNIVERSAL_DIR
-    error: str | None = None
-    if rank == 0 and not (out / "mp_rank_00_model_states.pt").is_file():
-        import subprocess
-        import sys
-
-        tmp = Path(path) / (UNIVERSAL_DIR + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.info("converting %s to a universal checkpoint for a job of another size", path)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                               "--num_merge_workers", "1"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            error = (f"converting {path} to a universal checkpoint failed:\n{proc.stderr[-2000:]}\n"
-                     f"Convert by hand: python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
-                     f"--output_folder {out}")
-        else:
-            os.replace(tmp, out)
-    if agree_max([1 if error else 0], group)[0]:
-        raise CheckpointError(error or "rank 0 failed to convert the checkpoint to universal form")
-    return out
-
-
 def _universal_info() -> dict[str, Any]:
     # Marks the checkpoint as convertible by DeepSpeed's ds_to_universal (resume on another size).
     from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -435,56 +355,3 @@ def _nothing(*_: Any) -> None:
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def load_pretrained_into(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Initialise ``model`` from a public MAE checkpoint (``{"model": state_dict}``, MAE names).
-
-    Full checkpoints load strictly; encoder-only ones (no decoder/mask token) fill the encoder and
-    leave the decoder at its initialisation. Returns the missing/unexpected key lists.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model.init_from={str(path)!r}: file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"model.init_from={str(path)!r} is not a readable torch checkpoint: {exc}") from None
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"model.init_from={str(path)!r}: expected {{'model': state_dict}}")
-    own = model.state_dict()
-    shape_errors = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if shape_errors:
-        raise CheckpointError(f"model.init_from={str(path)!r} does not fit model.name's architecture: "
-                              + "; ".join(shape_errors[:5]))
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(("decoder_", "mask_token"))]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"model.init_from={str(path)!r}: missing encoder keys {missing[:5]}, "
-                              f"unexpected keys {list(result.unexpected_keys)[:5]}")
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
-
-
-def consolidated_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Full float32 model state dict (parameters and buffers) from one checkpoint directory.
-
-    ZeRO-sharded checkpoints (any stage, and bf16 runs, whose fp32 master weights live in the
-    optimizer shards) are consolidated with DeepSpeed's own ``zero_to_fp32`` utility; plain
-    fp32 stage-0 checkpoints hold the full model in ``mp_rank_00_model_states.pt``.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
-    if list(path.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        model_file = path / "mp_rank_00_model_states.pt"
-        if not model_file.is_file():
-            raise CheckpointError(f"{path} holds no DeepSpeed model states ({model_file.name} missing)")
-        # DeepSpeed stores its config objects beside the weights, so this file needs full unpickling.
-        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from maescale.config import load_config
-from maescale.engine import deepspeed_config, lr_at, make_schedule, param_group_names, peak_lr
+from maescale.optim import deepspeed_config, lr_at, make_schedule, param_group_names, peak_lr
 from maescale.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,6 @@ maescale also run in this process (``workers=0``, torch on one thread) timed by 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
@@ -34,6 +33,8 @@ from multiprocessing import get_context
 from typing import Any
 
 import torch
+
+from maescale.rundir import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -346,10 +347,4 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def write_json(results: dict[str, Any], path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(results, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, results, indent=2)

@@ -1,0 +1,135 @@
+"""Resume planning: which checkpoint a job starts from, and what it takes to load it here.
+
+The loop makes two calls. Before the engine is built, :func:`plan_resume` picks the checkpoint
+(``resume``: newest valid, refuse, or an explicit path) and, when the job's size differs from the
+one that wrote it, keeps the effective batch by re-deriving ``train.grad_accum_steps`` and converts
+the ZeRO-sharded optimizer state with DeepSpeed's ``ds_to_universal`` (``step_N/universal/``); the
+plan's ``cfg`` is the config that runs, and is what ``config.yaml`` records. After the engine is
+built, :meth:`ResumePlan.restore` loads weights, optimizer state, RNG states and the data position
+(mapping the old ranks' positions onto this job's on a resize) and returns the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maescale.checkpoint.manager import (CheckpointError, CheckpointManager, is_world_size_independent,
+                                         read_trainer_state, restore_rng)
+from maescale.config import Config, deep_merge
+from maescale.distributed import agree_max
+from maescale.rundir import publish
+
+log = logging.getLogger("maescale.checkpoint")
+
+
+@dataclass
+class ResumePlan:
+    """Where a job starts: from scratch (``path`` None) or from a checkpoint, with the config to run."""
+
+    cfg: Config  # the config that runs (a resize re-derives grad_accum_steps, loads universal state)
+    path: Path | None = None  # the checkpoint to resume from
+    universal: Path | None = None  # its world-size independent form, when the job size changed
+    resized: bool = False  # written by a job of another size: rewrite it in this job's layout at once
+
+    def restore(self, manager: CheckpointManager, engine, data: Any, mask_gen: torch.Generator) -> int:
+        """Load the checkpoint into ``engine``, ``data`` (anything with ``load_state_dict`` taking a
+        data position) and ``mask_gen``; returns the step to continue from (0 when starting fresh)."""
+        if self.path is None:
+            return 0
+        state = manager.load(engine, self.path, self.universal)
+        rank = manager.rank
+        if "old_ranks" in state.rank_state:  # a job of another size wrote it
+            old = state.rank_state["old_ranks"]
+            if rank < len(old):
+                restore_rng(old[rank]["rng"], mask_gen)
+            data.load_state_dict({"ranks": [o["data"] for o in old]})  # same global position
+        else:
+            restore_rng(state.rank_state["rng"], mask_gen)
+            data.load_state_dict(state.rank_state["data"])
+        log.info("resumed from %s at step %d", self.path, state.step)
+        return state.step
+
+
+def plan_resume(cfg: Config, manager: CheckpointManager) -> ResumePlan:
+    """The :class:`ResumePlan` of this job (a collective: every rank calls it)."""
+    path = _pick(cfg, manager)
+    world = manager.world_size
+    if path is None:
+        return ResumePlan(cfg)
+    saved = read_trainer_state(path)
+    old_world = int(saved["world_size"])
+    if old_world == world:
+        return ResumePlan(cfg, path)
+    # Another size: keep the effective batch, so the step count, lr schedule and epoch length
+    # keep their meaning, by re-deriving grad_accum_steps.
+    old_batch = int(saved["micro_batch_size"]) * int(saved["grad_accum_steps"]) * old_world
+    per_micro_step = cfg.train.micro_batch_size * world
+    if old_batch % per_micro_step:
+        raise CheckpointError(
+            f"checkpoint {path} was trained by {old_world} processes with an effective batch of {old_batch}; "
+            f"{world} processes x train.micro_batch_size={cfg.train.micro_batch_size} cannot make {old_batch}. "
+            f"Set train.micro_batch_size (and train.grad_accum_steps) so that micro x accum x {world} = {old_batch}.")
+    accum = old_batch // per_micro_step
+    if accum != cfg.train.grad_accum_steps:
+        log.warning("resuming a %d-process run on %d processes: train.grad_accum_steps %d -> %d keeps the "
+                    "effective batch at %d", old_world, world, cfg.train.grad_accum_steps, accum, old_batch)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=accum))
+    universal = None
+    if not is_world_size_independent(path):
+        universal = prepare_universal(path, manager.rank, manager.group)
+        extra = deep_merge(cfg.deepspeed.extra, {"checkpoint": {"load_universal": True}})
+        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, extra=extra))
+    return ResumePlan(cfg, path, universal, resized=True)
+
+
+def _pick(cfg: Config, manager: CheckpointManager) -> Path | None:
+    """Which checkpoint to resume from, per ``cfg.resume`` (True: newest valid; False; a path)."""
+    if cfg.resume is False:
+        if manager.candidates():
+            raise CheckpointError(f"resume=false but {manager.root} already holds checkpoints: pick a new "
+                                  "output_dir, or resume=true to continue that run")
+        return None
+    explicit = cfg.resume if isinstance(cfg.resume, str) else None
+    path = manager.find_valid(explicit)
+    if path is None and manager.candidates():
+        log.warning("no valid checkpoint in %s: starting from scratch", manager.root)
+    return path
+
+
+UNIVERSAL_DIR = "universal"
+
+
+def prepare_universal(path: Path, rank: int, group: object = None) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal (world-size independent) form.
+
+    Rank 0 runs DeepSpeed's ``ds_to_universal`` into ``path/universal`` (once; a finished
+    conversion is reused) while the others wait. Returns that directory.
+    """
+    out = Path(path) / UNIVERSAL_DIR
+    error: str | None = None
+    if rank == 0 and not (out / "mp_rank_00_model_states.pt").is_file():
+        import subprocess
+        import sys
+
+        tmp = Path(path) / (UNIVERSAL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converting %s to a universal checkpoint for a job of another size", path)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = (f"converting {path} to a universal checkpoint failed:\n{proc.stderr[-2000:]}\n"
+                     f"Convert by hand: python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
+                     f"--output_folder {out}")
+        else:
+            publish(tmp, out)
+    if agree_max([1 if error else 0], group)[0]:
+        raise CheckpointError(error or "rank 0 failed to convert the checkpoint to universal form")
+    return out
