@@ -122,6 +122,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite steps
     peak_tflops: float | None = None  # per-device peak for MFU; None = table by GPU name
     progress_bar: Literal["auto", "on", "off"] = "auto"
+    profile_at: int | None = None  # profile the steps after this many (host/device cost, logged); None = off
+    profile_steps: int = 3
 
 
 @dataclass
@@ -133,6 +135,7 @@ class CheckpointConfig:
     keep_last: int = 3
     on_signal: bool = True  # save on SIGTERM / SIGUSR1 (SLURM preemption / time limit)
     on_write_error: Literal["retry", "stop"] = "retry"
+    final: bool = True  # save when the run finishes (off for benchmarks)
 
 
 @dataclass
@@ -140,6 +143,10 @@ class DeepSpeedConfig:
     """The DeepSpeed engine. ``extra`` is merged (recursively) over the generated JSON."""
 
     zero_stage: Literal[0, 1, 2, 3] = 1
+    # auto: the lean ZeRO step (no per-parameter overflow scan, no host-side grad norm; a fused
+    # device-side check instead) for stage 1/2 without clipping; true: insist (error elsewhere);
+    # false: DeepSpeed's own checks. See maescale/optim.py.
+    lean_step: Union[bool, Literal["auto"]] = "auto"
     timeout_minutes: float = 30.0  # collective timeout; a dead rank fails the job within it
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -511,11 +518,14 @@ def validate(cfg: Config) -> None:
     _check(t.image_every >= 0, "train.image_every", t.image_every, "0 (off) or an integer >= 1")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1")
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", t.peak_tflops, "null or a positive number")
+    _check(t.profile_at is None or t.profile_at >= 0, "train.profile_at", t.profile_at, "null (off) or a step >= 0")
+    _check(t.profile_steps >= 1, "train.profile_steps", t.profile_steps, "an integer >= 1")
 
     _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "0 (off) or an integer >= 1")
     _check(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "0 (off) or a positive number")
     _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "an integer >= 1")
     _check(cfg.deepspeed.timeout_minutes > 0, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, "a positive number")
+    _validate_lean_step(cfg)
 
     _check(s.nodes >= 1, "slurm.nodes", s.nodes, "an integer >= 1")
     _check(s.gpus_per_node >= 0, "slurm.gpus_per_node", s.gpus_per_node, "an integer >= 0")
@@ -526,6 +536,32 @@ def validate(cfg: Config) -> None:
         parse_slurm_time(s.time)
     except ValueError as exc:
         raise ConfigError(str(exc), key="slurm.time") from None
+
+
+def _validate_lean_step(cfg: Config) -> None:
+    """Refuse the lean-step switches where DeepSpeed cannot honour them (it would fail at start-up
+    with less context, or skip no non-finite step at all)."""
+    ds, clip = cfg.deepspeed, cfg.optim.grad_clip
+    if ds.lean_step is True:
+        _check(ds.zero_stage in (1, 2), "deepspeed.lean_step", True,
+               f"auto or false with deepspeed.zero_stage={ds.zero_stage}: the lean step replaces the checks of "
+               "DeepSpeed's ZeRO-1/2 optimizer only")
+        _check(clip == 0, "deepspeed.lean_step", True,
+               f"auto or false with optim.grad_clip={clip}: clipping needs the global grad norm before the step, "
+               "which the lean step does not compute; set optim.grad_clip=0 to use it")
+    zero = ds.extra.get("zero_optimization") if isinstance(ds.extra, Mapping) else None
+    if isinstance(zero, Mapping) and zero.get("compute_grad_norm") is False:
+        key = "deepspeed.extra.zero_optimization.compute_grad_norm"
+        _check(clip == 0, key, False, f"true with optim.grad_clip={clip} (clipping needs the norm); or use "
+               "deepspeed.lean_step, which sets it")
+        _check(ds.zero_stage in (1, 2), key, False, f"true with deepspeed.zero_stage={ds.zero_stage} "
+               "(DeepSpeed supports it with ZeRO stage 1 or 2 only)")
+    bf16 = ds.extra.get("bf16") if isinstance(ds.extra, Mapping) else None
+    if isinstance(bf16, Mapping) and bf16.get("check_grad_overflow") is False and not (
+            ds.lean_step is True or (ds.lean_step == "auto" and ds.zero_stage in (1, 2) and clip == 0)):
+        _check(False, "deepspeed.extra.bf16.check_grad_overflow", False,
+               "true without the lean step (it would let non-finite steps through unchecked); deepspeed.lean_step "
+               "turns it off safely for ZeRO-1/2 without clipping")
 
 
 def parse_slurm_time(value: str | int) -> int:

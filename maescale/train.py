@@ -23,13 +23,32 @@ from typing import Any, Sequence
 import torch
 
 from maescale import __version__
-from maescale.checkpoint import CheckpointError, CheckpointManager, load_pretrained_into, plan_resume
+from maescale.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    load_pretrained_into,
+    plan_resume,
+)
 from maescale.config import Config
 from maescale.distributed import DistContext, agree_max, init_distributed
 from maescale.faults import fault_point, maybe_poison
-from maescale.metrics import ProgressLog, TensorBoardLogger, reconstruction_grid, save_png
+from maescale.metrics import (
+    ProgressLog,
+    TensorBoardLogger,
+    reconstruction_grid,
+    save_png,
+)
 from maescale.models import build_model
-from maescale.optim import build_engine, effective_batch, make_schedule, set_lr
+from maescale.optim import (
+    OptimizerStep,
+    StepHealth,
+    build_engine,
+    effective_batch,
+    lean_step_enabled,
+    make_schedule,
+    set_lr,
+)
+from maescale.profiling import StepProfile, StepProfiler
 from maescale.rundir import RunDir, tag_for_step
 
 log = logging.getLogger("maescale.train")
@@ -48,6 +67,8 @@ class TrainResult:
     resumed_from: int | None  # step of the checkpoint this call started from
     last_loss: float | None
     stop_signals: tuple[int, ...] = ()  # every stop signal this process received, in order
+    perf: dict[str, float | None] | None = None  # the throughput figures of the last log step
+    profile: dict[str, Any] | None = None  # train.profile_at: per-step host/device cost
 
 
 class TrainingDiverged(RuntimeError):
@@ -148,10 +169,11 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     schedule = make_schedule(cfg, world, total_steps, steps_per_epoch)
     engine = build_engine(cfg, model, world, device)
     model = engine.module
+    optimizer_step = OptimizerStep(engine, lean_step_enabled(cfg), device)
     log.info("model %s (%.1fM parameters), %d process(es), effective batch %d, %d steps, peak lr %.3g, "
-             "warmup %d steps, ZeRO-%d, %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6,
+             "warmup %d steps, ZeRO-%d%s, %s", cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6,
              world, effective_batch(cfg, world), total_steps, schedule.peak_lr, schedule.warmup_steps,
-             cfg.deepspeed.zero_stage, cfg.train.precision)
+             cfg.deepspeed.zero_stage, " (lean step)" if optimizer_step.lean else "", cfg.train.precision)
 
     # ---- 3. resume
     # Masks come from a generator of their own (per rank), so nothing else that draws random
@@ -175,15 +197,18 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     bar = _progress_bar(cfg, rank, step, total_steps)
     progress = ProgressLog(tb, total_steps, world, model_flops, hw_flops, peak, device, bar)
     timer = progress.timer
+    profiler = StepProfiler(device, cfg.train.profile_at, cfg.train.profile_steps)
+    profile: StepProfile | None = None
     mean, std = cfg.data.mean, cfg.data.std
     last_save_time = time.monotonic()
     loss_sum = torch.zeros((), device=device)
     loss_count, last_loss, status = 0, None, "finished"
-    nonfinite_streak = nonfinite_total = 0
+    last_log_step = step
     imgs = pred = mask = None  # the last micro-batch, for the final reconstruction picture
     batch_images = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
 
     while step < total_steps:
+        profiler.before_step(step)
         lr = schedule.lr_at(step)
         set_lr(engine.optimizer, lr)
         for _ in range(cfg.train.grad_accum_steps):
@@ -194,34 +219,25 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
             noise = torch.rand(imgs.shape[0], model.grid_size**2, device=device, generator=mask_gen)
             loss, pred, mask = engine(imgs, noise=noise)
             engine.backward(loss)
-            engine.step()
+            optimizer_step.step()  # a step with non-finite loss or gradients leaves the weights alone
             loss_sum += loss.detach()  # no host sync here; read at log time
             loss_count += 1
         step += 1
         fault_point("train.after_step", step)
-        if engine.was_step_applied():
-            nonfinite_streak = 0
-        else:  # DeepSpeed found non-finite gradients and skipped the update
-            nonfinite_streak, nonfinite_total = nonfinite_streak + 1, nonfinite_total + 1
-            log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, %d in total)",
-                        step, nonfinite_streak, nonfinite_total)
-            tb.scalars(step, {"train/nonfinite_steps": float(nonfinite_total)})
-            if nonfinite_streak >= cfg.train.max_nonfinite_steps:
-                raise TrainingDiverged(
-                    f"{nonfinite_streak} consecutive steps had non-finite loss or gradients (train.max_nonfinite_steps="
-                    f"{cfg.train.max_nonfinite_steps}); stopping. The last good checkpoint is {last_checkpoint}; "
-                    "lower optim.blr, set optim.grad_clip, or check the data")
+        if (done := profiler.after_step(step)) is not None:
+            profile = done
+            log.info("profile of steps %d-%d: %s", step - done.steps + 1, step, done.line())
         timer.add_step(batch_images)
         if bar is not None:
             bar.update(1)
 
         if step % cfg.train.log_every == 0 or step == total_steps:
-            last_loss = (loss_sum / max(loss_count, 1)).item()  # the one host sync, every log_every steps
-            grad_norm = engine.get_global_grad_norm()
-            progress.report(step, last_loss, lr, float(grad_norm) if grad_norm is not None else None, feed.epoch,
-                            feed.stats())
+            last_loss = (loss_sum / max(loss_count, 1)).item()  # the host syncs, every log_every steps
+            _check_nonfinite(optimizer_step.read(), cfg, tb, step, last_log_step, last_checkpoint)
+            progress.report(step, last_loss, lr, optimizer_step.grad_norm(), feed.epoch, feed.stats())
             loss_sum.zero_()
             loss_count = 0
+            last_log_step = step
         if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
             tb.image(step, "reconstruction", reconstruction_grid(model, imgs, pred, mask, mean, std))
 
@@ -229,7 +245,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
         time_due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.checkpoint.every_minutes
         stop, time_due = agree_max([int(signals.requested), int(time_due)], ctx.control_group)
         step_due = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
-        if stop or time_due or step_due or step == total_steps:
+        if stop or time_due or step_due or (step == total_steps and cfg.checkpoint.final):
             saved = _save(ckpt, engine, feed, cfg, step, total_steps, mask_gen)
             if saved is not None:
                 last_checkpoint = saved
@@ -257,12 +273,31 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     feed.close()
     engine.destroy()  # release ZeRO state and helper threads before interpreter teardown
     return TrainResult(status, rank, step, total_steps, run.path, last_checkpoint, resumed_from, last_loss,
-                       tuple(signals.history))
+                       tuple(signals.history), progress.last, profile.as_dict() if profile else None)
 
 
 # --------------------------------------------------------------------------------------------
 # Pieces of the loop
 # --------------------------------------------------------------------------------------------
+
+
+def _check_nonfinite(health: StepHealth, cfg: Config, tb: TensorBoardLogger, step: int, last_log_step: int,
+                     last_checkpoint: Path | None) -> None:
+    """Report the steps skipped for non-finite loss/gradients since the last log step; stop after
+    ``train.max_nonfinite_steps`` in a row (read here, so at most ``log_every`` steps late)."""
+    if health.new:
+        if health.streak:
+            log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, %d in total)",
+                        step, health.streak, health.skipped_total)
+        if health.new > min(health.streak, step - last_log_step):
+            log.warning("steps %d-%d: %d updates skipped for non-finite loss/gradients (%d in total)",
+                        last_log_step + 1, step, health.new, health.skipped_total)
+        tb.scalars(step, {"train/nonfinite_steps": float(health.skipped_total)})
+    if health.worst_streak >= cfg.train.max_nonfinite_steps:
+        raise TrainingDiverged(
+            f"{health.worst_streak} consecutive steps had non-finite loss or gradients (train.max_nonfinite_steps="
+            f"{cfg.train.max_nonfinite_steps}); stopping. The last good checkpoint is {last_checkpoint}; "
+            "lower optim.blr, set optim.grad_clip, or check the data")
 
 
 def _save(ckpt: CheckpointManager, engine, feed, cfg: Config, step: int, total_steps: int,
