@@ -56,11 +56,12 @@ class ModelConfig:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     # sdpa: F.scaled_dot_product_attention, any backend (FlashAttention on GPU when it can);
-    # flash: SDPA forced onto the FlashAttention backend, error if it cannot run;
+    # flash / cudnn: SDPA forced onto the FlashAttention / cuDNN backend, error if it cannot run;
     # flash_attn: the `flash_attn` package; math: explicit softmax(QK^T)V reference.
-    attn_impl: Literal["sdpa", "math", "flash", "flash_attn"] = "sdpa"
+    attn_impl: Literal["sdpa", "math", "flash", "cudnn", "flash_attn"] = "sdpa"
     act_ckpt_every: int = 0  # checkpoint every k-th block (1 = all blocks); 0 = off
-    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    # torch.compile: false; true or "blocks" (each transformer block); "full" (the whole forward + loss)
+    compile: Union[bool, Literal["blocks", "full"]] = False
     init_from: str | None = None  # a public MAE ``{"model": ...}`` checkpoint to start from
 
 

@@ -163,7 +163,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
         load_pretrained_into(model, cfg.model.init_from)
         log.info("initialised from public MAE checkpoint %s", cfg.model.init_from)
     if cfg.model.compile:
-        model.compile_blocks()
+        model.compile_model("blocks" if cfg.model.compile is True else cfg.model.compile)
     feed = build_feed(cfg, rank, world, device)  # normalised images on the device
     total_steps, steps_per_epoch = plan_length(cfg, feed.batches_per_epoch)
     schedule = make_schedule(cfg, world, total_steps, steps_per_epoch)

@@ -217,8 +217,7 @@ class CheckpointManager:
                 write_text_atomic(partial / "config.yaml", self.config_yaml)
 
     def _checksum_share(self, partial: Path) -> None:
-        names = sorted(str(f.relative_to(partial)) for f in partial.rglob("*")
-                       if f.is_file() and not f.name.startswith(".crc_"))
+        names = _checkpoint_files(partial)
         mine = {n: {"size": (partial / n).stat().st_size, "crc32": file_crc32(partial / n)}
                 for i, n in enumerate(names) if i % self.world_size == self.rank}
         write_json_atomic(partial / f".crc_{self.rank:05d}.json", mine)
@@ -229,7 +228,7 @@ class CheckpointManager:
             share = partial / f".crc_{r:05d}.json"
             files.update(json.loads(share.read_text()))
             share.unlink()
-        on_disk = {str(f.relative_to(partial)) for f in partial.rglob("*") if f.is_file()}
+        on_disk = set(_checkpoint_files(partial))
         if on_disk != set(files):
             raise CheckpointError(f"checkpoint {partial}: files changed while it was checksummed: "
                                   f"{sorted(on_disk ^ set(files))[:5]}")
@@ -351,6 +350,14 @@ def _universal_info() -> dict[str, Any]:
 
 def _nothing(*_: Any) -> None:
     return None
+
+
+def _checkpoint_files(partial: Path) -> list[str]:
+    """The files of a checkpoint being written, sorted: hidden names are our own bookkeeping (the
+    ranks' CRC shares, temporaries of atomic writes in flight on other ranks) and never part of it,
+    so every rank lists the same files whatever the others are writing."""
+    return sorted(str(f.relative_to(partial)) for f in partial.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(partial).parts))
 
 
 def _dir_bytes(path: Path) -> int:

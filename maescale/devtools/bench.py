@@ -1,17 +1,29 @@
-"""Training-step benchmark of one MAE preset: forward + backward + optimizer step.
+"""Training-step benchmark of one MAE preset: forward + backward + optimizer step (the "bare step").
 
-Each variant (attention kernel x regional ``torch.compile`` x activation checkpointing) gets a
+Each variant (attention kernel x ``torch.compile`` mode x activation checkpointing) gets a
 freshly built model on the device and a fixed random batch (no data loading: this measures the
-model). After ``warmup`` steps (which absorb compilation), each of ``repeats`` steps is timed
-alone between device synchronisations; the median is reported, with images/s, achieved model and
-hardware TFLOP/s (analytic FLOPs of :mod:`maescale.flops`), MFU/HFU against the device's peak,
-and the peak allocated memory (CUDA only).
+model). After ``warmup`` steps (which absorb compilation), ``repeats`` windows of ``window``
+steps are timed, each window run back to back and synchronised once at its end, as a training
+loop runs (a sync per step would expose the host's launch time that a real loop hides under the
+previous step); the median step time is reported, with images/s, achieved model and hardware
+TFLOP/s (analytic FLOPs of :mod:`maescale.flops`), MFU/HFU against the device's peak, the peak
+allocated memory (CUDA only) and, from one profiled window, kernel launches and ``aten`` ops per
+step and the GPU's idle share (:mod:`maescale.profiling`).
 
-Precision: ``bf16`` is DeepSpeed's bf16 mode on one device: bf16 weights and activations, fp32
-master weights with the AdamW state, gradients copied to fp32 for the step and the result copied
-back (16 bytes/param + an fp32 gradient copy). ``autocast`` keeps fp32 weights and runs the
-forward under bf16 autocast. ``fp32`` is plain fp32 (the CPU default: CPU bf16 speed says little
-about GPUs). No ZeRO and no communication here: one device, the single-GPU ceiling.
+Precision: ``bf16`` is DeepSpeed's bf16 mode on one device, with its flat buffers: bf16 weights
+(views of one buffer per weight-decay group) and activations, one fp32 master tensor per group
+with the AdamW state; per step the gradients are flattened into one buffer, cast to fp32, stepped
+by the fused AdamW and copied back (16 bytes/param + an fp32 gradient copy). ``autocast`` keeps
+fp32 weights and runs the forward under bf16 autocast (plain PyTorch, what most MAE code does).
+``fp32`` is plain fp32 (the CPU default: CPU bf16 speed says little about GPUs). No ZeRO and no
+communication here: one device, the single-GPU ceiling the real loop is measured against.
+
+Compile modes: ``blocks`` (each transformer block), ``full`` (the whole forward with the loss),
+``graphs`` (``full`` with CUDA graphs, ``mode="reduce-overhead"``: a step's kernels replay as
+few graph launches).
+
+:func:`host_overhead` compares, on any machine, the host-side cost of the bare step with the
+DeepSpeed engine's step as the training loop runs it (default configuration and lean step).
 """
 
 from __future__ import annotations
@@ -40,18 +52,33 @@ __all__ = ["Variant", "BenchResult", "variants_from", "unavailable_reason", "ben
            "format_results", "environment", "PRECISIONS"]
 
 
+COMPILE_OPTIONS = ("off", "blocks", "full", "graphs")
+_COMPILE_LABEL = {"off": "", "blocks": "+compile", "full": "+compile-full", "graphs": "+cudagraphs"}
+
+
 @dataclass(frozen=True)
 class Variant:
     attn_impl: str = "sdpa"
-    compile: bool = False
+    compile: str = "off"  # one of COMPILE_OPTIONS
     act_ckpt_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.compile is True or self.compile is False:  # older callers: on/off
+            object.__setattr__(self, "compile", "blocks" if self.compile else "off")
+        if self.compile not in COMPILE_OPTIONS:
+            raise ValueError(f"compile must be one of {COMPILE_OPTIONS}, got {self.compile!r}")
 
     @property
     def label(self) -> str:
-        return f"{self.attn_impl}{'+compile' if self.compile else ''}{f'+ckpt{self.act_ckpt_every}' if self.act_ckpt_every else ''}"
+        ckpt = f"+ckpt{self.act_ckpt_every}" if self.act_ckpt_every else ""
+        return f"{self.attn_impl}{_COMPILE_LABEL[self.compile]}{ckpt}"
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "off"
 
 
-def variants_from(attn: list[str], compile_opts: list[bool], ckpt: list[int], grid: str = "product") -> list[Variant]:
+def variants_from(attn: list[str], compile_opts: list[str], ckpt: list[int], grid: str = "product") -> list[Variant]:
     """``product``: every combination. ``axes``: the first of each list as the baseline, then one
     axis changed at a time (``len(attn) + len(compile) + len(ckpt) - 2`` variants)."""
     if grid == "product":
@@ -73,7 +100,7 @@ class BenchResult:
     mask_ratio: float
     micro_batch: int
     attn_impl: str
-    compile: bool
+    compile: str
     act_ckpt_every: int
     precision: str
     device: str
@@ -138,7 +165,7 @@ def environment(device: torch.device) -> dict:
 
 def unavailable_reason(v: Variant, device: torch.device, precision: str) -> str | None:
     """Why variant ``v`` cannot run here (None when it can): checked up front to skip cleanly."""
-    if v.attn_impl in ("flash", "flash_attn"):
+    if v.attn_impl in ("flash", "cudnn", "flash_attn"):
         if device.type != "cuda":
             return f"attn_impl={v.attn_impl} needs a CUDA GPU (device is {device.type})"
         if precision == "fp32":
@@ -148,11 +175,13 @@ def unavailable_reason(v: Variant, device: torch.device, precision: str) -> str 
             import flash_attn  # noqa: F401
         except ImportError:
             return "flash_attn package not installed (pip install flash-attn --no-build-isolation)"
-    if v.compile and device.type == "cuda":
+    if v.compiled and device.type == "cuda":
         try:
             import triton  # noqa: F401
         except ImportError:
             return "torch.compile on CUDA needs triton"
+    if v.compile == "graphs" and device.type != "cuda":
+        return "CUDA graphs need a CUDA GPU"
     return None
 
 
@@ -165,17 +194,26 @@ class _Step:
     """One training step in the chosen precision (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, precision: str, device: torch.device, lr: float = 1e-4):
+        from maescale.optim import param_groups
+
         self.model, self.precision, self.device = model, precision, device
-        fused = device.type == "cuda"
-        params = [p for p in model.parameters() if p.requires_grad]
+        groups = param_groups(model, 0.05)
         if precision == "bf16":
             model.to(torch.bfloat16)
-            self.params = params
-            self.master = [p.detach().float().clone().requires_grad_(True) for p in params]
-            self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
-        else:
-            self.params = self.master = params
-            self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+            # Flat buffers, as DeepSpeed's ZeRO optimizer keeps them: the optimizer side of the step
+            # is a few kernels per group instead of several per parameter.
+            self.flat: list[tuple[list[torch.nn.Parameter], torch.Tensor, torch.Tensor]] = []
+            for g in groups:
+                params = g["params"]
+                flat16 = torch.cat([p.detach().reshape(-1) for p in params])
+                offset = 0
+                for p in params:
+                    p.data = flat16[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel()
+                master = flat16.float().requires_grad_(True)
+                self.flat.append((params, flat16, master))
+                g["params"] = [master]
+        self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
         self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -186,14 +224,15 @@ class _Step:
             loss = self.model(imgs)[0]
         loss.backward()
         if self.precision == "bf16":
-            for m, p in zip(self.master, self.params):
-                m.grad = p.grad.float()
-                p.grad = None
+            for params, _, master in self.flat:
+                master.grad = torch.cat([p.grad.reshape(-1) for p in params]).float()
+                for p in params:
+                    p.grad = None
             self.opt.step()
             with torch.no_grad():
-                torch._foreach_copy_(self.params, self.master)
-            for m in self.master:
-                m.grad = None
+                for _, flat16, master in self.flat:
+                    flat16.copy_(master)
+                    master.grad = None
         else:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -252,17 +291,21 @@ class _Runner:
                              act_ckpt_every=self.v.act_ckpt_every, device=self.device)
         model.train()
         self.step = _Step(model, precision, self.device)
-        if self.v.compile:
-            model.compile_blocks()
+        if self.v.compile == "graphs":
+            model.compile(mode="reduce-overhead")
+        elif self.v.compiled:
+            model.compile_model(self.v.compile)
         self.imgs = torch.randn(self.micro_batch, model.in_chans, img_size, img_size, device=self.device,
                                 dtype=self.step.input_dtype)
 
-    def _run(self, timed: bool) -> None:
+    def _run(self, timed: bool, steps: int = 1) -> None:
+        _sync(self.device)
         t0 = time.perf_counter()
-        self.loss = self.step(self.imgs)
+        for _ in range(steps):
+            self.loss = self.step(self.imgs)
         _sync(self.device)
         if timed:
-            self.times.append(time.perf_counter() - t0)
+            self.times.append((time.perf_counter() - t0) / steps)
 
     def warmup(self, n: int) -> None:
         def go():
@@ -275,8 +318,20 @@ class _Runner:
                 self._run(False)
         self._guard(go)
 
-    def timed_step(self) -> None:
-        self._guard(self._run, True)
+    def timed_step(self, window: int = 1) -> None:
+        """One timed window of ``window`` back-to-back steps."""
+        self._guard(self._run, True, window)
+
+    def profile(self, window: int) -> None:
+        """Kernel launches, aten ops and GPU idle share per step, from one profiled window."""
+        from maescale.profiling import profiled
+
+        def go():
+            with profiled(self.device, window) as result:
+                for _ in range(window):
+                    self.loss = self.step(self.imgs)
+            self.res.extra["profile"] = result().as_dict()
+        self._guard(go)
 
     def finish(self) -> BenchResult:
         res = self.res
@@ -307,24 +362,28 @@ class _Runner:
 
 def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224, mask_ratio: float = 0.75,
                   precision: str = "bf16", device: torch.device | str = "cuda", warmup: int = 3, repeats: int = 10,
-                  peak_tflops: float | None = None, seed: int = 0) -> BenchResult:
-    """Time one variant at one micro-batch (see the module docstring)."""
+                  peak_tflops: float | None = None, seed: int = 0, window: int = 1,
+                  profile: bool = False) -> BenchResult:
+    """Time one variant at one micro-batch (see the module docstring): ``repeats`` windows of
+    ``window`` back-to-back steps; ``profile``: one more window under the profiler."""
     r = _Runner(preset, v, micro_batch, img_size, mask_ratio, precision, torch.device(device), peak_tflops, seed)
     r.warmup(warmup)
     for _ in range(repeats):
         if not r.ok:
             break
-        r.timed_step()
+        r.timed_step(window)
+    if profile and r.ok:
+        r.profile(window)
     res = r.finish()
-    if v.compile:
+    if v.compiled:
         torch._dynamo.reset()
     return res
 
 
 def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], img_size: int = 224,
               mask_ratio: float = 0.75, precision: str | None = None, device: str | None = None, warmup: int = 3,
-              repeats: int = 10, peak_tflops: float | None = None,
-              interleave: bool = False) -> tuple[list[BenchResult], dict]:
+              repeats: int = 10, peak_tflops: float | None = None, interleave: bool = False, window: int = 1,
+              profile: bool = False) -> tuple[list[BenchResult], dict]:
     """All ``variants`` at all ``micro_batches``; returns the results and the environment.
 
     ``interleave``: build every variant of a micro-batch at once and time their steps in turn
@@ -334,18 +393,19 @@ def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], im
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
-    if any(v.compile for v in variants):
+    if any(v.compiled for v in variants):
         # every variant recompiles the same block code; do not fall back to eager for that
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    env = environment(dev) | {"interleave": interleave}
+    env = environment(dev) | {"interleave": interleave, "window": window}
     results = []
     for mb in micro_batches:
         if not interleave:
             for v in variants:
                 log.info("%s mb=%d %s ...", preset, mb, v.label)
-                r = bench_variant(preset, v, mb, img_size, mask_ratio, precision, dev, warmup, repeats, peak_tflops)
+                r = bench_variant(preset, v, mb, img_size, mask_ratio, precision, dev, warmup, repeats, peak_tflops,
+                                  window=window, profile=profile)
                 log.info("  %s", _line(r, None))
                 results.append(r)
             continue
@@ -359,9 +419,11 @@ def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], im
         for i in range(repeats):
             for r in runners:
                 if r.ok:
-                    r.timed_step()
+                    r.timed_step(window)
             log.info("%s mb=%d: round %d/%d", preset, mb, i + 1, repeats)
         for r in runners:
+            if profile and r.ok:
+                r.profile(window)
             results.append(r.finish())
             log.info("  %s: %s", results[-1].label, _line(results[-1], None))
         torch._dynamo.reset()
@@ -384,7 +446,8 @@ def _line(r: BenchResult, base: BenchResult | None) -> str:
 def format_results(results: list[BenchResult], env: dict | None = None) -> str:
     """Text table; ``vs 1st`` is images/s relative to the first variant at the same micro-batch."""
     head = (f"{'preset':<22}{'px':>4}{'mb':>5} {'variant':<26}{'ms/step':>9}{'img/s':>9}{'vs 1st':>7}"
-            f"{'model TF/s':>11}{'hw TF/s':>9}{'MFU%':>6}{'HFU%':>6}{'peak GiB':>9}{'1st s':>7}")
+            f"{'model TF/s':>11}{'hw TF/s':>9}{'MFU%':>6}{'HFU%':>6}{'peak GiB':>9}{'1st s':>7}"
+            f"{'launch/st':>10}{'aten/st':>8}{'idle%':>6}")
     lines = []
     if env:
         loads = [r.extra[k] for r in results for k in ("loadavg_before", "loadavg_after") if k in r.extra]
@@ -403,8 +466,15 @@ def format_results(results: list[BenchResult], env: dict | None = None) -> str:
             f"{r.preset:<22}{r.img_size:>4}{r.micro_batch:>5} {r.label:<26}{r.step_ms:>9.1f}{r.images_per_s:>9.1f}"
             f"{_fmt(rel, '.2f'):>7}{r.model_tflops:>11.3f}{r.hardware_tflops:>9.3f}"
             f"{_fmt(None if r.mfu is None else 100 * r.mfu, '.1f'):>6}{_fmt(None if r.hfu is None else 100 * r.hfu, '.1f'):>6}"
-            f"{_fmt(r.peak_mem_gib, '.2f'):>9}{_fmt(r.first_step_s, '.1f'):>7}")
+            f"{_fmt(r.peak_mem_gib, '.2f'):>9}{_fmt(r.first_step_s, '.1f'):>7}" + _profile_cols(r))
     return "\n".join(lines)
+
+
+def _profile_cols(r: BenchResult) -> str:
+    p = r.extra.get("profile") or {}
+    idle = p.get("device_idle_fraction")
+    return (f"{_fmt(p.get('kernel_launches'), '.0f'):>10}{_fmt(p.get('aten_ops'), '.0f'):>8}"
+            f"{_fmt(None if idle is None else 100 * idle, '.0f'):>6}")
 
 
 def flops_summary(preset: str, img_size: int, mask_ratio: float) -> str:
@@ -413,3 +483,85 @@ def flops_summary(preset: str, img_size: int, mask_ratio: float) -> str:
     return (f"{preset} @ {img_size}px mask {mask_ratio}: forward {f.forward / 1e9:.3f} GFLOPs/image "
             f"(encoder {f.encoder / 1e9:.3f} on {f.encoder_tokens} tokens, decoder {f.decoder / 1e9:.3f} on "
             f"{f.decoder_tokens}), training step {f.train / 1e9:.3f} GFLOPs/image")
+
+
+# --------------------------------------------------------------------------------------------
+# Host overhead: the bare step against the DeepSpeed engine's step
+# --------------------------------------------------------------------------------------------
+
+HOST_VARIANTS = ("bare", "deepspeed", "deepspeed-lean")
+
+
+def host_overhead(preset: str, micro_batch: int, img_size: int | None = None, precision: str = "bf16",
+                  warmup: int = 2, steps: int = 5, device: str | None = None) -> list[dict]:
+    """Aten ops and host milliseconds per optimizer step of the bare step (:class:`_Step`) and of
+    the DeepSpeed ZeRO-1 engine's step as :mod:`maescale.train` runs it, with DeepSpeed's default
+    checks (``deepspeed.lean_step=false``) and with the lean step. One process; on a CPU the host
+    time is the whole step, on a GPU the device is synchronised at the end of each window.
+    Counting ops is the point: it shows host overhead on machines without a GPU."""
+    from maescale.config import config_from_dict
+    from maescale.distributed import init_distributed
+    from maescale.optim import OptimizerStep, build_engine, lean_step_enabled
+    from maescale.profiling import profiled
+
+    dev_req = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = init_distributed(dev_req)
+    dev = ctx.device
+    img = img_size or (32 if preset == "mae_vit_tiny_patch4" else 224)
+    rows: list[dict] = []
+    for variant in HOST_VARIANTS:
+        torch.manual_seed(0)
+        model = create_model(preset, img_size=img, device=dev)
+        imgs = torch.randn(micro_batch, model.in_chans, img, img, device=dev)
+        if variant == "bare":
+            step = _Step(model, precision, dev)
+            x = imgs.to(step.input_dtype)
+            run = lambda: step(x)  # noqa: E731
+            engine = None
+        else:
+            cfg = config_from_dict({"model": {"name": preset, "img_size": img},
+                                    "train": {"micro_batch_size": micro_batch, "max_steps": 1, "precision": precision},
+                                    "deepspeed": {"zero_stage": 1, "lean_step": variant == "deepspeed-lean"}})
+            engine = build_engine(cfg, model, 1, dev)
+            opt_step = OptimizerStep(engine, lean_step_enabled(cfg), dev)
+            gen = torch.Generator(device=dev).manual_seed(0)
+
+            def run(engine=engine, opt_step=opt_step, gen=gen):
+                noise = torch.rand(micro_batch, engine.module.grid_size ** 2, device=dev, generator=gen)
+                loss = engine(imgs, noise=noise)[0]
+                engine.backward(loss)
+                opt_step.step()
+                return loss
+        for _ in range(warmup):
+            run()
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run()
+        _sync(dev)
+        host_ms = 1e3 * (time.perf_counter() - t0) / steps
+        with profiled(dev, steps) as result:
+            for _ in range(steps):
+                run()
+        prof = result()
+        rows.append({"preset": preset, "micro_batch": micro_batch, "precision": precision, "variant": variant,
+                     "device": str(dev), "host_ms_per_step": host_ms, "aten_ops_per_step": prof.aten_ops,
+                     "kernel_launches_per_step": prof.kernel_launches})
+        if engine is not None:
+            engine.destroy()
+        del model, run
+        gc.collect()
+    bare = rows[0]
+    for r in rows:
+        r["aten_ops_vs_bare"] = r["aten_ops_per_step"] / bare["aten_ops_per_step"]
+        r["host_ms_vs_bare"] = r["host_ms_per_step"] / bare["host_ms_per_step"]
+    return rows
+
+
+def format_host_overhead(rows: list[dict]) -> str:
+    """Text table of :func:`host_overhead` rows."""
+    out = [f"{'preset':<22}{'mb':>4} {'variant':<16}{'aten ops/step':>14}{'vs bare':>8}{'host ms/step':>13}{'vs bare':>8}"]
+    for r in rows:
+        out.append(f"{r['preset']:<22}{r['micro_batch']:>4} {r['variant']:<16}{r['aten_ops_per_step']:>14.0f}"
+                   f"{r['aten_ops_vs_bare']:>8.2f}{r['host_ms_per_step']:>13.1f}{r['host_ms_vs_bare']:>8.2f}")
+    return "\n".join(out)
