@@ -393,6 +393,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"got {value!r}; expected a finite number", key=key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         for choice in choices:
             if value == choice and type(value) is type(choice):
                 return value

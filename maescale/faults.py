@@ -2,7 +2,8 @@
 
 Set ``MAESCALE_FAULTS`` to a comma-separated list of ``point[@step]=action`` where action is
 ``sleep:SECONDS``, ``oserror`` (raise ``OSError(ENOSPC)``), ``exit`` (``os._exit(1)``, a crash
-with no clean-up) or, for ``train.batch``, ``nan`` (the batch becomes NaN: see :func:`maybe_poison`). Example: ``MAESCALE_FAULTS="checkpoint.before_commit@10=sleep:60"`` pauses
+with no clean-up) or, for ``train.batch``, ``nan`` (the batch becomes NaN on every rank) or
+``nan:R`` (on rank R only; see :func:`maybe_poison`). Example: ``MAESCALE_FAULTS="checkpoint.before_commit@10=sleep:60"`` pauses
 the save of step 10 after every rank has written, before the manifest and rename, so a test can
 SIGKILL the job in the middle of a checkpoint. Unset (always, in real runs) it costs nothing.
 """
@@ -34,10 +35,12 @@ def _action(name: str, step: int | None) -> str | None:
     return rules.get((name, step)) or rules.get((name, None))
 
 
-def maybe_poison(batch, step: int):
-    """The batch, or a NaN copy of it when ``train.batch@STEP=nan`` is configured."""
-    if _action("train.batch", step) == "nan":
-        log.warning("fault injection: NaN batch at step %d", step)
+def maybe_poison(batch, step: int, rank: int = 0):
+    """The batch, or a NaN copy of it when ``train.batch@STEP=nan`` (or ``nan:RANK`` for this
+    rank) is configured."""
+    action = _action("train.batch", step)
+    if action == "nan" or action == f"nan:{rank}":
+        log.warning("fault injection: NaN batch at step %d on rank %d", step, rank)
         return batch * float("nan")
     return batch
 

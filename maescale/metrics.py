@@ -100,7 +100,7 @@ class ProgressLog:
         self.model_flops, self.hw_flops, self.peak = model_flops, hw_flops, peak
         self.device, self.bar = device, bar
         self.timer = StepTimer()
-        self.last: dict[str, float | None] | None = None  # the figures of the last report
+        self.history: list[dict[str, float | None]] = []  # the figures of every report, with its step
 
     def report(self, step: int, loss: float, lr: float, grad_norm: float | None, epoch: int,
                data_stats: Mapping[str, int], extra: Mapping[str, float] | None = None) -> None:
@@ -115,7 +115,7 @@ class ProgressLog:
         if self.device.type == "cuda":
             values["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.tb.scalars(step, values)
-        self.last = values
+        self.history.append({"step": float(step), **values})
         mfu = perf["perf/mfu"]
         line = (f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm "
                 f"{'n/a' if grad_norm is None else f'{grad_norm:.3f}'} img/s {perf['perf/images_per_s']:.1f} "

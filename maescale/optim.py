@@ -137,6 +137,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if cfg.deepspeed.zero_stage == 1:
+        # Stage 1 keeps whole gradients anyway: copying each one into a contiguous bucket first
+        # only adds a copy kernel (and host ops) per parameter and step (tiny preset: 2,885 -> 2,248 ops).
+        ds["zero_optimization"]["contiguous_gradients"] = False
     if cfg.deepspeed.zero_stage >= 2:
         ds["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True,
                                         "reduce_bucket_size": 5e8})

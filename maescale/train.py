@@ -67,7 +67,7 @@ class TrainResult:
     resumed_from: int | None  # step of the checkpoint this call started from
     last_loss: float | None
     stop_signals: tuple[int, ...] = ()  # every stop signal this process received, in order
-    perf: dict[str, float | None] | None = None  # the throughput figures of the last log step
+    perf: list[dict[str, float | None]] | None = None  # the figures of every log step of this call
     profile: dict[str, Any] | None = None  # train.profile_at: per-step host/device cost
 
 
@@ -215,7 +215,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
             t0 = time.perf_counter()
             imgs = next(feed)
             timer.add_data_wait(time.perf_counter() - t0)
-            imgs = maybe_poison(imgs, step + 1)  # fault injection for tests; a no-op in real runs
+            imgs = maybe_poison(imgs, step + 1, rank)  # fault injection for tests; a no-op in real runs
             noise = torch.rand(imgs.shape[0], model.grid_size**2, device=device, generator=mask_gen)
             loss, pred, mask = engine(imgs, noise=noise)
             engine.backward(loss)
@@ -273,7 +273,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     feed.close()
     engine.destroy()  # release ZeRO state and helper threads before interpreter teardown
     return TrainResult(status, rank, step, total_steps, run.path, last_checkpoint, resumed_from, last_loss,
-                       tuple(signals.history), progress.last, profile.as_dict() if profile else None)
+                       tuple(signals.history), progress.history, profile.as_dict() if profile else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,12 +193,22 @@ def _sync(device: torch.device) -> None:
 class _Step:
     """One training step in the chosen precision (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device, lr: float = 1e-4):
+    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device, lr: float = 1e-4,
+                 flat: bool = True):
         from maescale.optim import param_groups
 
         self.model, self.precision, self.device = model, precision, device
         groups = param_groups(model, 0.05)
-        if precision == "bf16":
+        self.per_param = precision == "bf16" and not flat
+        if self.per_param:
+            # The earlier bare step (kept for comparison): an fp32 master per parameter, a cast
+            # and a copy per parameter and step.
+            model.to(torch.bfloat16)
+            self.params = [p for g in groups for p in g["params"]]
+            for g in groups:
+                g["params"] = [p.detach().float().clone().requires_grad_(True) for p in g["params"]]
+            self.master = [p for g in groups for p in g["params"]]
+        elif precision == "bf16":
             model.to(torch.bfloat16)
             # Flat buffers, as DeepSpeed's ZeRO optimizer keeps them: the optimizer side of the step
             # is a few kernels per group instead of several per parameter.
@@ -223,7 +233,16 @@ class _Step:
         else:
             loss = self.model(imgs)[0]
         loss.backward()
-        if self.precision == "bf16":
+        if self.per_param:
+            for m, p in zip(self.master, self.params):
+                m.grad = p.grad.float()
+                p.grad = None
+            self.opt.step()
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.master)
+            for m in self.master:
+                m.grad = None
+        elif self.precision == "bf16":
             for params, _, master in self.flat:
                 master.grad = torch.cat([p.grad.reshape(-1) for p in params]).float()
                 for p in params:
@@ -489,7 +508,7 @@ def flops_summary(preset: str, img_size: int, mask_ratio: float) -> str:
 # Host overhead: the bare step against the DeepSpeed engine's step
 # --------------------------------------------------------------------------------------------
 
-HOST_VARIANTS = ("bare", "deepspeed", "deepspeed-lean")
+HOST_VARIANTS = ("bare", "bare-per-param", "deepspeed", "deepspeed-lean")
 
 
 def host_overhead(preset: str, micro_batch: int, img_size: int | None = None, precision: str = "bf16",
@@ -513,8 +532,8 @@ def host_overhead(preset: str, micro_batch: int, img_size: int | None = None, pr
         torch.manual_seed(0)
         model = create_model(preset, img_size=img, device=dev)
         imgs = torch.randn(micro_batch, model.in_chans, img, img, device=dev)
-        if variant == "bare":
-            step = _Step(model, precision, dev)
+        if variant.startswith("bare"):
+            step = _Step(model, precision, dev, flat=variant == "bare")
             x = imgs.to(step.input_dtype)
             run = lambda: step(x)  # noqa: E731
             engine = None
@@ -551,7 +570,7 @@ def host_overhead(preset: str, micro_batch: int, img_size: int | None = None, pr
             engine.destroy()
         del model, run
         gc.collect()
-    bare = rows[0]
+    bare = rows[0]  # the flat-buffer bare step, the reference of the GPU benchmarks
     for r in rows:
         r["aten_ops_vs_bare"] = r["aten_ops_per_step"] / bare["aten_ops_per_step"]
         r["host_ms_vs_bare"] = r["host_ms_per_step"] / bare["host_ms_per_step"]

@@ -1,0 +1,165 @@
+"""The GPU check's report: one table from the JSON files that ``bench/gpu_check.sh`` writes.
+
+Inputs (in one folder): ``env.json`` (device, versions, the measured bf16 matmul ceiling),
+``bare.json`` (``tools/bench_model.py``: the plain-PyTorch autocast step and the bare bf16 step),
+``loop.json`` and ``loop_data.json`` (``tools/bench_loop.py``: the real loop on synthetic data and
+on JPEG shards with CPU and GPU decode) and ``decode.json`` (``tools/bench_decode.py``), each
+optional. Output: rows per micro-batch with images/s, MFU against the datasheet peak and the
+measured matmul ceiling, kernel launches and aten ops per step, peak memory, and the ratios the
+issues set targets for: loop/bare (>= 0.95; the check fails below 0.9), loop with CPU or GPU
+decode against the synthetic loop, and the loop against the plain autocast step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FAIL_BELOW = 0.9  # loop / bare step: the check fails under this
+TARGET = 0.95
+
+
+def _load(folder: Path, name: str) -> Any:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _bare_rows(doc: Any) -> list[dict[str, Any]]:
+    rows = []
+    for run in (doc or {}).get("runs", []):
+        for r in run.get("results", []):
+            if r.get("status") == "ok":
+                prof = r.get("extra", {}).get("profile") or {}
+                rows.append({"kind": "autocast" if r["precision"] == "autocast" else "bare",
+                             "variant": f"{r['precision']} {r['variant']}", "micro_batch": r["micro_batch"],
+                             "images_per_s": r["images_per_s"], "mfu": r["mfu"], "tflops": r["model_tflops"],
+                             "peak_mem_gib": r["peak_mem_gib"], "kernel_launches": prof.get("kernel_launches"),
+                             "aten_ops": prof.get("aten_ops"), "idle": prof.get("device_idle_fraction")})
+            else:
+                rows.append({"kind": "failed", "variant": f"{r['precision']} {r['variant']}",
+                             "micro_batch": r["micro_batch"], "reason": f"{r.get('status')}: {r.get('reason')}"})
+    return rows
+
+
+def _loop_rows(doc: Any) -> list[dict[str, Any]]:
+    rows = []
+    for r in (doc or {}).get("results", []):
+        label = f"loop {r['data']} {' '.join(r['overrides'])}".strip()
+        if r.get("status") != "ok":
+            rows.append({"kind": "failed", "variant": label, "micro_batch": r["micro_batch"], "reason": r.get("reason")})
+            continue
+        prof = r.get("profile") or {}
+        rows.append({"kind": f"loop-{r['data']}" + ("+" if r["overrides"] else ""), "variant": label,
+                     "micro_batch": r["micro_batch"], "images_per_s": r["images_per_s"], "mfu": r["mfu"],
+                     "tflops": r["tflops"], "peak_mem_gib": r["peak_mem_gib"],
+                     "data_wait": r["data_wait_fraction"], "kernel_launches": prof.get("kernel_launches"),
+                     "aten_ops": prof.get("aten_ops"), "idle": prof.get("device_idle_fraction")})
+    return rows
+
+
+def build_report(folder: str | Path) -> dict[str, Any]:
+    """Rows and ratios from the JSON files in ``folder`` (see the module docstring)."""
+    folder = Path(folder)
+    env = _load(folder, "env.json") or {}
+    rows = _bare_rows(_load(folder, "bare.json"))
+    rows += _loop_rows(_load(folder, "loop.json")) + _loop_rows(_load(folder, "loop_data.json"))
+    ceiling = env.get("matmul_tflops")
+    for r in rows:
+        if r.get("tflops") is not None and ceiling:
+            r["mfu_vs_matmul_ceiling"] = r["tflops"] / ceiling
+    ratios: dict[str, Any] = {}
+    failures: list[str] = []
+    for mb in sorted({r["micro_batch"] for r in rows}):
+        def best(kind: str) -> dict[str, Any] | None:
+            cands = [r for r in rows if r["micro_batch"] == mb and r["kind"] == kind]
+            return max(cands, key=lambda r: r["images_per_s"], default=None)
+
+        bare, loop, auto = best("bare"), best("loop-synthetic"), best("autocast")
+        cpu, gpu = best("loop-shards"), best("loop-gpu_decode")
+        got: dict[str, Any] = {}
+        if bare and loop:
+            got["loop_vs_bare"] = loop["images_per_s"] / bare["images_per_s"]
+            got["bare_variant"] = bare["variant"]
+            if got["loop_vs_bare"] < FAIL_BELOW:
+                failures.append(f"micro-batch {mb}: the loop runs at {got['loop_vs_bare']:.2f}x the bare step "
+                                f"(< {FAIL_BELOW})")
+        if loop and auto:
+            got["loop_vs_autocast"] = loop["images_per_s"] / auto["images_per_s"]
+        for name, r in (("cpu_decode", cpu), ("gpu_decode", gpu)):
+            if r and loop:
+                got[f"{name}_vs_synthetic"] = r["images_per_s"] / loop["images_per_s"]
+        if cpu and gpu:
+            got["gpu_decode_vs_cpu_decode"] = gpu["images_per_s"] / cpu["images_per_s"]
+        if got:
+            ratios[str(mb)] = got
+    return {"env": env, "rows": rows, "ratios": ratios, "failures": failures, "decode": _load(folder, "decode.json")}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The table printed at the end of the GPU check."""
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    env = report["env"]
+    lines = [f"device: {env.get('device_name')}  torch {env.get('torch')}  CUDA {env.get('cuda')}  "
+             f"DeepSpeed {env.get('deepspeed')}  date {env.get('date')}  "
+             f"bf16 matmul ceiling {f(env.get('matmul_tflops'), '.0f')} TFLOP/s (datasheet {f(env.get('peak_tflops'), '.0f')})",
+             f"{'mb':>4} {'what':<44}{'img/s':>8}{'MFU%':>6}{'%ceil':>6}{'launch/st':>10}{'aten/st':>8}"
+             f"{'idle%':>6}{'wait%':>6}{'GiB':>6}"]
+    for r in sorted(report["rows"], key=lambda r: (r["micro_batch"], r["kind"])):
+        if r["kind"] == "failed":
+            lines.append(f"{r['micro_batch']:>4} {r['variant'][:43]:<44}FAILED: {str(r.get('reason'))[:80]}")
+            continue
+        pct = (lambda x: None if x is None else 100 * x)
+        lines.append(f"{r['micro_batch']:>4} {r['variant'][:43]:<44}{f(r['images_per_s'], '.1f'):>8}"
+                     f"{f(pct(r.get('mfu')), '.1f'):>6}{f(pct(r.get('mfu_vs_matmul_ceiling')), '.1f'):>6}"
+                     f"{f(r.get('kernel_launches'), '.0f'):>10}{f(r.get('aten_ops'), '.0f'):>8}"
+                     f"{f(pct(r.get('idle')), '.0f'):>6}{f(pct(r.get('data_wait')), '.0f'):>6}"
+                     f"{f(r.get('peak_mem_gib'), '.1f'):>6}")
+    for mb, got in report["ratios"].items():
+        parts = [f"{k} {v:.2f}" for k, v in got.items() if isinstance(v, float)]
+        lines.append(f"micro-batch {mb}: " + ", ".join(parts))
+    dec = report.get("decode")
+    if dec:
+        lines.append("decode: " + json.dumps(dec.get("summary", dec))[:600])
+    lines += [f"FAIL: {m}" for m in report["failures"]] or [f"loop >= {FAIL_BELOW}x bare at every micro-batch: ok"
+                                                            if report["ratios"] else "no loop/bare pair measured"]
+    return "\n".join(lines)
+
+
+def measure_environment() -> dict[str, Any]:
+    """Device, versions, date, and the measured bf16 matmul ceiling (8192^3, median of 10 on
+    random data) that MFU is also reported against."""
+    import datetime
+    import statistics
+
+    import torch
+
+    from maescale.devtools.bench import environment
+    from maescale.flops import peak_flops
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(dev) | {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for name in ("deepspeed", "torchvision", "webdataset", "submitit"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a version we cannot read is just missing from the record
+            env[name] = None
+    if dev.type == "cuda":
+        peak = peak_flops(env["device_name"], None, dtype="bf16")
+        env["peak_tflops"] = peak / 1e12 if peak else None
+        n = 8192
+        a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        env["matmul_tflops"] = 2 * n ** 3 / statistics.median(times) / 1e12
+    return env
