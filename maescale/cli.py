@@ -27,14 +27,19 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
 
+    from maescale.parent import exit_with_launcher
+
+    exit_with_launcher()  # before the heavy imports: a rank orphaned during start-up ends there
+
     from maescale.checkpoint import CheckpointError
     from maescale.data import DataError
     from maescale.distributed import shutdown
+    from maescale.rundir import RunLocked, RunLockLost
     from maescale.train import TrainingDiverged, main
 
     try:
         result = main(cfg)
-    except (CheckpointError, DataError, TrainingDiverged, ValueError) as exc:
+    except (CheckpointError, DataError, TrainingDiverged, RunLocked, RunLockLost, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
     finally:

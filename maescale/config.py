@@ -140,6 +140,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class LockConfig:
+    """The run-directory lock (one job writes a run directory at a time; see maescale.rundir.RunLock)."""
+
+    wait_s: float = 300.0  # how long a job waits for a held run directory (the old job may be saving)
+    stale_s: float = 60.0  # a holder whose heartbeat has not moved for this long is gone
+    heartbeat_s: float = 10.0  # how often the holder's rank 0 beats
+    takeover: bool = False  # take the run directory even from a live-looking holder
+
+
+@dataclass
 class DeepSpeedConfig:
     """The DeepSpeed engine. ``extra`` is merged (recursively) over the generated JSON."""
 
@@ -187,6 +197,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -529,6 +540,11 @@ def validate(cfg: Config) -> None:
     _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "an integer >= 1")
     _check(cfg.deepspeed.timeout_minutes > 0, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, "a positive number")
     _validate_lean_step(cfg)
+    lk = cfg.lock
+    _check(lk.wait_s >= 0, "lock.wait_s", lk.wait_s, "seconds >= 0")
+    _check(lk.heartbeat_s > 0, "lock.heartbeat_s", lk.heartbeat_s, "seconds > 0")
+    _check(lk.stale_s >= 3 * lk.heartbeat_s, "lock.stale_s", lk.stale_s,
+           f"at least 3 x lock.heartbeat_s ({3 * lk.heartbeat_s:g} s), so that a slow beat is not taken for a dead job")
 
     _check(s.nodes >= 1, "slurm.nodes", s.nodes, "an integer >= 1")
     _check(s.gpus_per_node >= 0, "slurm.gpus_per_node", s.gpus_per_node, "an integer >= 0")

@@ -17,6 +17,9 @@ the config loader use it without importing torch. Every file maescale publishes 
 :func:`atomic_output` (or its text/JSON/bytes shorthands) or :func:`publish`: written under a
 temporary name beside the target, flushed to disk, then renamed over it, so a reader (or a
 crash) never sees half a file. ``os.replace`` of our own outputs appears nowhere else.
+
+:class:`RunLock` makes sure one job at a time writes a run directory (``RUN/lock`` and
+``RUN/lock.heartbeat``); readers (export, visualize, probe) never take it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,10 +66,11 @@ def step_of(tag: str | os.PathLike) -> int | None:
 
 
 def temp_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
-    """A hidden temporary name beside ``path``, unique to this process. ``keep_suffix``: end it
-    with ``path``'s suffix too, for writers that pick the format by extension (torch, PNG)."""
+    """A hidden temporary name beside ``path``, unique to this process and call. ``keep_suffix``: end
+    it with ``path``'s suffix too, for writers that pick the format by extension (torch, PNG)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}" + (path.suffix if keep_suffix else ""))
+    unique = f"{os.getpid()}-{os.urandom(3).hex()}"  # threads of one process write too (the lock's heartbeat)
+    return path.with_name(f".{path.name}.tmp{unique}" + (path.suffix if keep_suffix else ""))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -204,3 +211,243 @@ class RunDir:
     def has_checkpoints(self) -> bool:
         """Whether a training run already wrote checkpoints here (``latest`` or any ``step_N``)."""
         return (self.checkpoints / LATEST).is_file() or bool(self.list_checkpoints())
+
+
+# --------------------------------------------------------------------------------------------
+# The run lock: one job writes a run directory at a time
+# --------------------------------------------------------------------------------------------
+
+LOCK = "lock"
+HEARTBEAT = "lock.heartbeat"
+
+
+class RunLocked(RuntimeError):
+    """The run directory is held by another job (the message names it and how to take over)."""
+
+
+class RunLockLost(RuntimeError):
+    """This job's lock was taken over by another job: it must stop writing at once."""
+
+
+def job_identity() -> str:
+    """What identifies this job across its ranks and requeues: the SLURM job id (a requeued job
+    keeps it), submitit's local job id, else this host and the launcher's process id."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        array = env.get("SLURM_ARRAY_JOB_ID")
+        return f"slurm:{array}_{env['SLURM_ARRAY_TASK_ID']}" if array else f"slurm:{env['SLURM_JOB_ID']}"
+    if env.get("SUBMITIT_LOCAL_JOB_ID"):
+        return f"local:{socket.gethostname()}:{env['SUBMITIT_LOCAL_JOB_ID']}"
+    launcher = env.get("TORCHELASTIC_RUN_ID") and os.getppid()  # torchrun: the agent is the job
+    return f"pid:{socket.gethostname()}:{launcher or os.getpid()}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), to tell a live owner from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class RunLock:
+    """The lock of one run directory, held by one job (taken and heartbeaten by its rank 0).
+
+    The lock is ``RUN/lock``, an owner record (job, host, pid, start time, maescale version, a random
+    token) that appears by an atomic ``link`` of a finished file: the primitive that works where
+    ``flock`` does not (NFS, Lustre). While the job runs, a daemon thread of rank 0 rewrites
+    ``RUN/lock.heartbeat`` (token and a counter) every ``heartbeat_s``; staleness is judged by a
+    waiter on its own clock (the counter did not move for ``stale_s``), so clock skew between hosts
+    does not matter. A job that finds the lock held waits up to ``wait_s`` (the old job may be
+    saving on its way out) and takes it over when the owner is gone: its heartbeat stopped, or its
+    pid is dead on this host, or the owner is this very job (a SLURM requeue keeps the job id), or
+    ``takeover`` was asked for. A takeover renames the old record away first (one renamer wins),
+    then creates the lock as usual. The holder checks at every beat that the lock is still its own
+    and reports a takeover through :attr:`lost`.
+    """
+
+    def __init__(self, run: RunDir, job: str | None = None, *, wait_s: float = 300, stale_s: float = 60,
+                 heartbeat_s: float = 10, takeover: bool = False, poll_s: float = 1.0, version: str = ""):
+        self.run, self.job = run, job or job_identity()
+        self.wait_s, self.stale_s, self.heartbeat_s = wait_s, stale_s, heartbeat_s
+        self.takeover, self.poll_s, self.version = takeover, poll_s, version
+        self.token = ""
+        self.lost = False
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run.path / LOCK
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.run.path / HEARTBEAT
+
+    def owner(self) -> dict[str, Any] | None:
+        """The current owner record (None when the lock is free or being replaced)."""
+        return _read_json(self.path)
+
+    # ---------------------------------------------------------------- taking it
+    def acquire(self, log: Any = None) -> float:
+        """Take the lock (waiting, taking over a stale one); returns the seconds waited.
+        Raises :class:`RunLocked` naming the holder when it stays held for ``wait_s``."""
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        seen: tuple[str, Any] | None = None  # (token, heartbeat) last observed, and since when
+        seen_since = t0
+        told = False
+        while True:
+            if self._create():
+                self._start_heartbeat()
+                return time.monotonic() - t0
+            owner = self.owner()
+            if owner is None:  # released or being replaced right now
+                time.sleep(min(self.poll_s, 0.2))
+                continue
+            beat = _read_json(self.heartbeat_path) or {}
+            observed = (owner.get("token"), beat.get("beat") if beat.get("token") == owner.get("token") else None)
+            if observed != seen:
+                seen, seen_since = observed, time.monotonic()
+            reason = self._stale_reason(owner, time.monotonic() - seen_since)
+            if reason is not None:
+                if log is not None:
+                    log.warning("taking over the run directory %s from %s: %s", self.run.path, describe_owner(owner),
+                                reason)
+                self._break(owner)
+                continue
+            waited = time.monotonic() - t0
+            if waited >= self.wait_s:
+                raise RunLocked(
+                    f"run directory {self.run.path} is held by {describe_owner(owner)}; waited {waited:.0f} s "
+                    f"(lock.wait_s={self.wait_s:g}). Wait for that job to finish (or scancel it); if it is gone, "
+                    f"start with lock.takeover=true")
+            if not told and log is not None:
+                log.warning("run directory %s is held by %s: waiting up to %g s for it to be released (lock.wait_s)",
+                            self.run.path, describe_owner(owner), self.wait_s)
+                told = True
+            time.sleep(self.poll_s)
+
+    def _stale_reason(self, owner: dict[str, Any], unchanged_s: float) -> str | None:
+        if owner.get("job") == self.job:
+            return "it is this job's own lock (requeued or restarted)"
+        if self.takeover:
+            return "lock.takeover=true"
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and \
+                not _pid_alive(owner["pid"], owner.get("pid_start")):
+            return f"its process {owner['pid']} on this host is gone"
+        if unchanged_s >= self.stale_s:
+            return f"its heartbeat has not moved for {unchanged_s:.0f} s (lock.stale_s={self.stale_s:g})"
+        return None
+
+    def _create(self) -> bool:
+        import uuid
+
+        token = uuid.uuid4().hex
+        record = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
+                  "pid_start": _process_start(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "maescale_version": self.version, "token": token, "heartbeat_s": self.heartbeat_s}
+        tmp = temp_path(self.path)
+        tmp.write_text(json.dumps(record))
+        try:
+            os.link(tmp, self.path)  # atomic, and fails if the lock exists (NFS-safe, unlike O_EXCL on old NFS)
+            won = True
+        except FileExistsError:
+            won = False
+        except OSError:  # NFS may lose the reply of a link that succeeded: its count tells
+            won = tmp.stat().st_nlink == 2
+        finally:
+            tmp.unlink(missing_ok=True)
+        if won:
+            self.token = token
+            fsync_dir(self.run.path)
+        return won
+
+    def _break(self, owner: dict[str, Any]) -> None:
+        """Move a stale owner's record away (only one of several racing takers succeeds)."""
+        aside = self.run.path / f".{LOCK}.stale-{owner.get('token', 'x')}-{os.getpid()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = _read_json(aside) or {}
+        if moved.get("token") != owner.get("token"):  # it changed under us: put the new owner back
+            try:
+                os.link(aside, self.path)
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- holding it
+    def _start_heartbeat(self) -> None:
+        self._beat(0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat_loop, name="maescale-run-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self, n: int) -> None:
+        write_json_atomic(self.heartbeat_path, {"token": self.token, "beat": n, "time": time.time()})
+
+    def _beat_loop(self) -> None:
+        n = 0
+        assert self._stop is not None
+        while not self._stop.wait(self.heartbeat_s):
+            owner = self.owner()
+            if owner is None or owner.get("token") != self.token:
+                self.lost = True
+                return
+            n += 1
+            try:
+                self._beat(n)
+            except OSError:  # a full or flaky filesystem: the next beat tries again
+                pass
+
+    def release(self) -> None:
+        """Stop the heartbeat and free the lock (only if it is still this job's)."""
+        if self._stop is not None:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+        owner = self.owner()
+        if self.token and owner is not None and owner.get("token") == self.token:
+            self.heartbeat_path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+        self.token = ""
+
+
+def describe_owner(owner: dict[str, Any]) -> str:
+    """``job slurm:123 (host node01, pid 4242, since ...)`` for messages."""
+    return (f"job {owner.get('job', '?')} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
+            f"since {owner.get('started', '?')}, maescale {owner.get('maescale_version', '?')})")
+
+
+def lock_status(run: RunDir, fresh_s: float) -> dict[str, Any] | None:
+    """The owner record of a held lock whose heartbeat is younger than ``fresh_s`` by this host's
+    clock (for a quick check on the login node, which cannot watch the heartbeat move); None if free
+    or apparently stale."""
+    owner = _read_json(run.path / LOCK)
+    if owner is None:
+        return None
+    beat = _read_json(run.path / HEARTBEAT) or {}
+    if beat.get("token") != owner.get("token"):
+        return owner  # just taken: its first beat is on its way
+    age = time.time() - float(beat.get("time", 0))
+    return owner | {"heartbeat_age_s": age} if age < fresh_s else None

@@ -1,7 +1,8 @@
-"""The training loop: ``main(cfg)`` reads top to bottom.
+"""The training loop: ``main(cfg)`` joins the job and takes the run directory, ``train`` reads
+top to bottom.
 
-1. join the job (rank, device, process group) and prepare the run directory;
-2. build the model, the data stream and the DeepSpeed engine;
+1. plan the resume (which checkpoint, and on another job size the config that keeps the batch);
+2. build the model, the data feed and the DeepSpeed engine;
 3. resume from the newest valid checkpoint if the run directory has one;
 4. loop: set lr, run ``grad_accum_steps`` micro-batches, step, log, checkpoint;
 5. on SIGTERM/SIGUSR1 (SLURM preemption or time limit) checkpoint and return "preempted".
@@ -12,44 +13,29 @@ The same ``main`` runs under ``tools/train.py`` (one process), ``torchrun`` and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from maescale import __version__
-from maescale.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    load_pretrained_into,
-    plan_resume,
-)
+from maescale.checkpoint import CheckpointError, CheckpointManager, load_pretrained_into, plan_resume
 from maescale.config import Config
 from maescale.distributed import DistContext, agree_max, init_distributed
 from maescale.faults import fault_point, maybe_poison
-from maescale.metrics import (
-    ProgressLog,
-    TensorBoardLogger,
-    reconstruction_grid,
-    save_png,
-)
+from maescale.metrics import ProgressLog, TensorBoardLogger, reconstruction_grid, save_png
 from maescale.models import build_model
-from maescale.optim import (
-    OptimizerStep,
-    StepHealth,
-    build_engine,
-    effective_batch,
-    lean_step_enabled,
-    make_schedule,
-    set_lr,
-)
+from maescale.optim import (OptimizerStep, StepHealth, build_engine, effective_batch, lean_step_enabled, make_schedule,
+                            set_lr)
+from maescale.parent import exit_with_launcher
 from maescale.profiling import StepProfile, StepProfiler
-from maescale.rundir import RunDir, tag_for_step
+from maescale.rundir import RunDir, RunLock, RunLocked, RunLockLost, tag_for_step
 
 log = logging.getLogger("maescale.train")
 
@@ -133,20 +119,29 @@ def plan_length(cfg: Config, batches_per_epoch: int | None) -> tuple[int, float 
 
 
 def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
-    """Train (or resume training) the run described by ``cfg``.
+    """Train (or resume training) the run described by ``cfg``: join the job, take the run
+    directory (one job writes it at a time), then :func:`train`.
 
     ``extra_stop_signals``: signals besides SIGTERM/SIGUSR1 that mean "checkpoint and stop"
     (the SLURM launcher adds the one submitit asks SLURM to send before the time limit).
     """
+    exit_with_launcher()  # a rank whose torchrun/srun/submitit dies stops (no-op for a plain process)
+    ctx = init_distributed(cfg.train.device, cfg.deepspeed.timeout_minutes)
+    run = RunDir(cfg.output_dir)
+    setup_logging(ctx.env.rank, run)
+    with hold_run_directory(cfg, run, ctx) as lock:
+        return train(cfg, ctx, run, lock, extra_stop_signals)
+
+
+def train(cfg: Config, ctx: DistContext, run: RunDir, lock: RunLock,
+          extra_stop_signals: Sequence[int] = ()) -> TrainResult:
+    """The training of a job that holds its run directory (see the module docstring)."""
     from maescale.data.feed import build_feed
     from maescale.flops import peak_flops, train_flops_per_image
     from maescale.models.presets import PRESETS
 
-    # ---- 1. join the job, plan the resume, record the config that runs
-    ctx: DistContext = init_distributed(cfg.train.device, cfg.deepspeed.timeout_minutes)
+    # ---- 1. plan the resume, record the config that runs
     rank, world, device = ctx.env.rank, ctx.env.world_size, ctx.device
-    run = RunDir(cfg.output_dir)
-    setup_logging(rank, run)
     ckpt = CheckpointManager(run.path, rank, world, cfg.checkpoint.keep_last, ctx.control_group)
     ckpt.clean_partials()
     plan = plan_resume(cfg, ckpt)  # on another job size this re-derives grad_accum_steps
@@ -158,7 +153,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
 
     # ---- 2. model, data, engine
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, device=device)
     if cfg.model.init_from and plan.path is None:
         load_pretrained_into(model, cfg.model.init_from)
         log.info("initialised from public MAE checkpoint %s", cfg.model.init_from)
@@ -243,7 +238,10 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
 
         # Ranks agree (on the CPU control group) on stopping and on time-based saves.
         time_due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.checkpoint.every_minutes
-        stop, time_due = agree_max([int(signals.requested), int(time_due)], ctx.control_group)
+        stop, time_due, lost = agree_max([int(signals.requested), int(time_due), int(lock.lost)], ctx.control_group)
+        if lost:  # another job took the run directory over: write nothing more
+            raise RunLockLost(f"the lock of {run.path} was taken over by another job (see rank 0's log); this job "
+                              f"stops at step {step} without saving")
         step_due = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
         if stop or time_due or step_due or (step == total_steps and cfg.checkpoint.final):
             saved = _save(ckpt, engine, feed, cfg, step, total_steps, mask_gen)
@@ -279,6 +277,28 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
 # --------------------------------------------------------------------------------------------
 # Pieces of the loop
 # --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def hold_run_directory(cfg: Config, run: RunDir, ctx: DistContext) -> Iterator[RunLock]:
+    """Rank 0 takes the run directory's lock for the whole job (waiting, or taking over a stale
+    one, per ``lock.*``), every rank learns whether it did, and the lock is released at the end."""
+    lock = RunLock(run, wait_s=cfg.lock.wait_s, stale_s=cfg.lock.stale_s, heartbeat_s=cfg.lock.heartbeat_s,
+                   takeover=cfg.lock.takeover, version=__version__)
+    error: RunLocked | None = None
+    if ctx.env.rank == 0:
+        try:
+            waited = lock.acquire(log)
+            if waited > 1:
+                log.info("run directory %s taken after waiting %.0f s", run.path, waited)
+        except RunLocked as exc:
+            error = exc
+    if agree_max([int(error is not None)], ctx.control_group)[0]:
+        raise error or RunLocked(f"rank 0 could not take the run directory {run.path} (see its log)")
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def _check_nonfinite(health: StepHealth, cfg: Config, tb: TensorBoardLogger, step: int, last_log_step: int,

@@ -16,15 +16,15 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from maescale.checkpoint.manager import (CheckpointError, CheckpointManager, is_world_size_independent,
-                                         read_trainer_state, restore_rng)
+                                         read_trainer_state, restore_rng, validate_checkpoint)
 from maescale.config import Config, deep_merge
 from maescale.distributed import agree_max
-from maescale.rundir import publish
+from maescale.rundir import publish, step_of
 
 log = logging.getLogger("maescale.checkpoint")
 
@@ -40,11 +40,51 @@ class ResumePlan:
 
     def restore(self, manager: CheckpointManager, engine, data: Any, mask_gen: torch.Generator) -> int:
         """Load the checkpoint into ``engine``, ``data`` (anything with ``load_state_dict`` taking a
-        data position) and ``mask_gen``; returns the step to continue from (0 when starting fresh)."""
+        data position) and ``mask_gen``; returns the step to continue from (0 when starting fresh).
+
+        A checkpoint that passed validation but cannot be loaded (a race with another writer, a
+        disk error) is reported and the previous valid one of the same job size is loaded instead,
+        as for one that fails validation; ``self.path`` then names the one that was loaded."""
         if self.path is None:
             return 0
-        state = manager.load(engine, self.path, self.universal)
-        rank = manager.rank
+        tried: list[str] = []
+        for path in self._fallbacks(manager):
+            problem = None
+            try:
+                state = manager.load(engine, path, self.universal if path == self.path else None)
+            except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
+                problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            if not agree_max([1 if problem else 0], manager.group)[0]:
+                if path != self.path:
+                    log.warning("resuming from %s instead of %s, which could not be loaded", path, self.path)
+                    self.path = path
+                return self._restore_rank_state(state, manager.rank, data, mask_gen)
+            tried.append(f"{path} ({problem or 'another rank failed to load it'})")
+            log.warning("checkpoint %s passed validation but cannot be loaded (%s); trying the previous one", path,
+                        problem or "another rank failed to load it")
+        raise CheckpointError("no checkpoint could be loaded: " + "; ".join(tried) + ". Move the bad ones out of "
+                              f"{manager.root}, or start a new output_dir")
+
+    def _fallbacks(self, manager: CheckpointManager) -> Iterator[Path]:
+        """This plan's checkpoint, then (validated only when needed) the older valid ones written by a
+        job of the same size; an explicit ``resume=PATH`` or a resize has no fallback."""
+        assert self.path is not None
+        first = self.path
+        yield first
+        if self.resized or isinstance(self.cfg.resume, str):
+            return
+        for p in manager.candidates():
+            if (step_of(p) or 0) >= (step_of(first) or 0):
+                continue
+            try:
+                validate_checkpoint(p, shard=(manager.rank, manager.world_size))
+                usable = int(read_trainer_state(p)["world_size"]) == manager.world_size
+            except (CheckpointError, KeyError, ValueError):
+                usable = False
+            if not agree_max([0 if usable else 1], manager.group)[0]:
+                yield p
+
+    def _restore_rank_state(self, state, rank: int, data: Any, mask_gen: torch.Generator) -> int:
         if "old_ranks" in state.rank_state:  # a job of another size wrote it
             old = state.rank_state["old_ranks"]
             if rank < len(old):

@@ -31,7 +31,7 @@ from maescale.config import Config, ConfigError, apply_overrides, config_from_di
     parse_slurm_time, set_dotted
 from maescale.exitcodes import BAD_INPUT, CRASHED, OK, PREEMPTED
 from maescale.launch.job import TrainJob
-from maescale.rundir import RunDir
+from maescale.rundir import RunDir, describe_owner, lock_status
 
 log = logging.getLogger("maescale.launch")
 
@@ -176,6 +176,17 @@ def check_launch(cfg: Config, local: bool = False) -> None:
         raise _launch_error(f"got {s.nodes}; --local runs on this machine only: use --nodes 1", "slurm.nodes")
 
 
+def check_not_in_use(cfg: Config) -> None:
+    """Refuse to submit onto a run directory that a live job holds (its heartbeat is fresh by this
+    host's clock): the new job would only wait for it, then fail. ``lock.takeover=true`` overrides."""
+    held = lock_status(RunDir(cfg.output_dir), fresh_s=cfg.lock.stale_s)
+    if held is not None and not cfg.lock.takeover:
+        age = held.get("heartbeat_age_s")
+        beat = f"last heartbeat {age:.0f} s ago" if age is not None else "just started"
+        raise _launch_error(f"{cfg.output_dir} is in use by {describe_owner(held)}, {beat}. Wait for that job to "
+                            f"finish or cancel it; if it is gone, submit with lock.takeover=true", "output_dir")
+
+
 def _repo_root() -> Path:
     import maescale
 
@@ -260,6 +271,12 @@ def submit_main(argv: Sequence[str] | None = None) -> int:
         return BAD_INPUT
     out = Path(cfg.output_dir)
     logs = RunDir(out).slurm
+    if not args.dry_run:
+        try:
+            check_not_in_use(cfg)
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return BAD_INPUT
     if args.local:
         return _run_local(cfg, explicit_gpus=args.gpus_per_node is not None)
     if args.dry_run:
