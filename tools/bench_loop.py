@@ -12,7 +12,6 @@ overrides (repeat the flag). The logic lives in :mod:`maescale.devtools.loop_ben
 """
 
 import argparse
-import json
 import logging
 import sys
 from datetime import datetime, timezone
