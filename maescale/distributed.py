@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -200,7 +201,10 @@ def init_distributed(device_request: str = "auto", timeout_minutes: float = 30.0
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False,
+        # A lone process needs no TCP rendezvous: a file store cannot lose a race for a "free"
+        # port with another process on the machine (seen as EADDRINUSE on a busy CI machine).
+        init_method = f"file://{tempfile.mkdtemp(prefix='maescale-store-')}/store" if env.world_size == 1 else None
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False, init_method=init_method,
                                    rank=env.rank, world_size=env.world_size)
     control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     if env.is_main:

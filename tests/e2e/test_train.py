@@ -9,8 +9,8 @@ import sys
 import psutil
 import pytest
 
-from tests.helpers import (REPO, TINY, assert_same_weights, base_overrides, final_weights, logged_step, run_train,
-                           start_train, tb_images, tb_scalars, wait_for)
+from tests.helpers import (REPO, TINY, assert_same_weights, base_overrides, clean_env, final_weights, logged_step,
+                           run_train, start_train, tb_images, tb_scalars, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -130,11 +130,15 @@ def test_time_based_checkpoints(shards, tmp_path):
 
 
 def test_synthetic_data_runs_the_same_loop_and_resumes_exactly(tmp_path):
-    """data.synthetic: no files; a run stopped at step 4 and continued ends bitwise equal."""
+    """data.synthetic: no files; a run that crashes after its step-4 checkpoint and is started again
+    ends bitwise equal to an uninterrupted one."""
     extra = {"data.synthetic": "true", "data.train_shards": "''", "data.num_samples": "null"}
     ref, out = tmp_path / "ref", tmp_path / "resumed"
     run_train(TINY, base_overrides("unused", ref, 8, **extra))
-    run_train(TINY, base_overrides("unused", out, 4, **extra))
+    crashed = subprocess.run([sys.executable, str(REPO / "tools/train.py"), str(TINY),
+                              *base_overrides("unused", out, 8, **extra)], cwd=REPO, capture_output=True, text=True,
+                             env=clean_env({"MAESCALE_FAULTS": "train.after_step@6=exit"}), timeout=300)
+    assert crashed.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step_00000004"
     run_train(TINY, base_overrides("unused", out, 8, **extra))
     assert "resumed from" in (out / "logs" / "train.log").read_text()
     assert_same_weights(final_weights(ref), final_weights(out))
