@@ -207,7 +207,8 @@ class PipeReader(io.RawIOBase):
 
     * the exit status is checked when the data ends: ``Pipe`` only polls after each read, so the
       end of the data of a command that failed usually comes before its status, and a failed
-      ``aws s3 cp`` would pass as a short or empty shard;
+      ``aws s3 cp`` would pass as a short or empty shard (``Pipe.close`` would raise later, outside
+      the reading);
     * closing before the end kills the command and ignores its status: ``Pipe.close`` waits for
       the command to finish (up to 2 hours for one that stalls) and raises when it dies of the
       closed pipe (status -13 when the shell execs it, 1 for tools that catch EPIPE);
@@ -231,17 +232,16 @@ class PipeReader(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if size is None:
             size = -1
-        pipe = self._pipe
-        try:
-            data = pipe.read(size)
-            if size < 0 or (size > 0 and not data):
-                self._eof = True
-                pipe.wait_for_child()  # waits for the exit; raises on a failed status
-        except OSError:
-            if pipe.status is None or pipe.status in pipe.ignore_status:
-                raise  # an I/O error of the pipe itself
-            raise OSError(f"command '{self.cmd}' exited with status {pipe.status} (its own message, if any, "
-                          f"went to this process's stderr); check that it works in a shell") from None
+        # From Pipe's stream, not Pipe.read: that one also raises as soon as a poll finds a failed
+        # status, so how many complete samples came before the error would depend on timing.
+        data = self._pipe.stream.read(size)
+        if size < 0 or (size > 0 and not data):
+            self._eof = True
+            try:
+                self._pipe.wait_for_child()  # waits for the exit; raises on a status not 0 or 141
+            except OSError:
+                raise OSError(f"command '{self.cmd}' exited with status {self._pipe.status} (its own message, "
+                              f"if any, went to this process's stderr); check that it works in a shell") from None
         return data
 
     def readall(self) -> bytes:
