@@ -7,7 +7,7 @@
 * a ``pipe:`` command run by the shell whose stdout is the tar stream, e.g.
   ``pipe:aws s3 cp s3://bucket/train-{000000..001023}.tar -`` or ``pipe:curl -s URL``
   (braces are expanded; globs are not, the command is opaque);
-* ``http(s)://``, ``s3://``... URLs, opened with :func:`webdataset.gopen.gopen`;
+* ``http(s)://``, ``gs://``... URLs, opened with :func:`webdataset.gopen.gopen`;
 * a list of any of these, or several joined with ``::`` (webdataset's separator).
 
 Relative local paths are taken relative to the current directory.
@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 from typing import IO, Any, Iterable
 
 from braceexpand import braceexpand
@@ -202,68 +201,81 @@ def default_sizes_file(urls: list[str]) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-class PipeStream(io.RawIOBase):
-    """stdout of ``sh -c CMD`` as a readable binary stream.
+class PipeReader(io.RawIOBase):
+    """The stdout of a ``pipe:CMD`` URL: :func:`webdataset.gopen.gopen`'s ``Pipe`` (``sh -c CMD``,
+    exit status 141 accepted), plus what it lacks for reading shards:
 
-    Closing after reading to the end checks the exit status (a failed ``aws s3 cp`` must not pass
-    as a short shard); closing early kills the command.
+    * the exit status is checked when the data ends: ``Pipe`` only polls after each read, so the
+      end of the data of a command that failed usually comes before its status, and a failed
+      ``aws s3 cp`` would pass as a short or empty shard (``Pipe.close`` would raise later, outside
+      the reading);
+    * closing before the end kills the command and ignores its status: ``Pipe.close`` waits for
+      the command to finish (up to 2 hours for one that stalls) and raises when it dies of the
+      closed pipe (status -13 when the shell execs it, 1 for tools that catch EPIPE);
+    * errors name the command and say "exited with status N".
+
+    The command's stderr is not captured (gopen passes it through to this process's stderr).
     """
 
-    def __init__(self, cmd: str, bufsize: int = 1 << 20):
+    def __init__(self, url: str, bufsize: int = 1 << 20):
+        from webdataset.gopen import gopen
+
+        self._pipe = None  # close() may run on a half-built object
         super().__init__()
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     bufsize=bufsize, stdin=subprocess.DEVNULL)
+        self.cmd = url[len("pipe:"):]
+        self._pipe = gopen(url, "rb", bufsize=bufsize)
         self._eof = False
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buf) -> int:
-        assert self.proc.stdout is not None
-        n = self.proc.stdout.readinto(buf)
-        if not n:
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None:
+            size = -1
+        # From Pipe's stream, not Pipe.read: that one also raises as soon as a poll finds a failed
+        # status, so how many complete samples came before the error would depend on timing.
+        data = self._pipe.stream.read(size)
+        if size < 0 or (size > 0 and not data):
             self._eof = True
-            self._check()
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        assert self.proc.stdout is not None
-        data = self.proc.stdout.read(size) if size is not None and size >= 0 else self.proc.stdout.read()
-        if size is None or size < 0 or (size > 0 and not data):
-            self._eof = True
-            self._check()
+            try:
+                self._pipe.wait_for_child()  # waits for the exit; raises on a status not 0 or 141
+            except OSError:
+                raise OSError(f"command '{self.cmd}' exited with status {self._pipe.status} (its own message, "
+                              f"if any, went to this process's stderr); check that it works in a shell") from None
         return data
 
-    def _check(self) -> None:
-        rc = self.proc.wait()
-        if rc not in (0, 141):  # 141: SIGPIPE from the command, not an error of the data
-            err = b""
-            if self.proc.stderr is not None:
-                err = self.proc.stderr.read()[-500:]
-            raise OSError(f"command '{self.cmd}' exited with status {rc}: {err.decode(errors='replace').strip()}")
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         if self.closed:
             return
+        pipe = self._pipe
         try:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
+            if pipe is None:
+                return
+            pipe.stream.close()  # a command still writing gets SIGPIPE
+            if not self._eof and pipe.proc.poll() is None:
+                pipe.proc.kill()  # closed early: the rest is not wanted, nor how the command ends
+            pipe.proc.wait()
         finally:
-            for pipe in (self.proc.stdout, self.proc.stderr):
-                if pipe is not None:
-                    pipe.close()
             super().close()
 
 
 def open_url(url: str) -> IO[bytes]:
-    """Open a shard or sizes file for reading: local path, ``file:``, ``pipe:CMD`` or another URL
-    webdataset can open (``http(s)://`` through curl, ...)."""
-    if url.startswith("pipe:"):
-        return io.BufferedReader(PipeStream(url[len("pipe:"):]), buffer_size=1 << 20)  # type: ignore[return-value]
-    if is_local(url):
-        return open(local_path(url), "rb", buffering=1 << 20)
+    """Open a shard or sizes file for reading with :func:`webdataset.gopen.gopen`: a local path,
+    ``file:``, ``pipe:CMD`` (see :class:`PipeReader`) or another URL it opens (``http(s)://``
+    through curl, ``gs://``, ...)."""
     from webdataset.gopen import gopen
 
+    if url.startswith("pipe:"):
+        return PipeReader(url)  # type: ignore[return-value]
+    if is_local(url):
+        # absolute: gopen reads a relative path with a colon ("a:b.tar") as a URL scheme
+        return gopen(os.path.abspath(local_path(url)), "rb")
     return gopen(url, "rb")

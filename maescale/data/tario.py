@@ -1,24 +1,29 @@
-"""A small streaming tar reader that groups members into WebDataset samples.
+"""Group the members of a tar shard into WebDataset samples, on top of :mod:`tarfile`.
 
-Why not :mod:`tarfile`: we need to skip samples without reading their bytes (seek on local files,
-discard on pipes), to know where every sample starts in the shard so that a resumed worker can
-start mid-shard, and to turn every malformation (bad checksum, truncation, absurd sizes, odd
-names) into a counted, recoverable event rather than an exception deep in a worker. Formats read:
-ustar/POSIX (with the 155-byte prefix), PAX extended headers (``path``, ``size``) and GNU long
-names; anything else (directories, links, devices) is ignored.
+:mod:`tarfile` parses the headers (ustar with its name prefix, PAX extended headers, GNU long
+names, base-256 numbers, checksums). What is ours:
+
+* the grouping into samples, numbered from 0 in each shard, so that a resumed worker starts at
+  sample ``start`` of a shard. The data of skipped samples is not read: on local files the
+  archive is opened in random-access mode (``r:``), where :meth:`tarfile.TarFile.next` seeks
+  past the data of a member that was not extracted; on pipes it is opened in stream mode
+  (``r|``), which reads and discards it;
+* every malformation is a counted, recoverable event: a corrupt or truncated archive raises
+  :class:`TarFormatError` (an :class:`OSError`, which the pipeline retries and then skips),
+  members without an extension are counted as ``odd_members``, members over
+  ``max_member_bytes`` make their sample bad.
 
 Grouping follows WebDataset: consecutive members ``KEY.EXT`` with the same ``KEY`` (everything up
 to the first dot of the base name) form one sample ``{"__key__": KEY, EXT: bytes, ...}``; EXT is
-lower-cased. Members without an extension (``README``, ``.DS_Store``) are not part of any sample
-and are counted as ``odd_members``.
+lower-cased. Members that are not regular files (directories, links, devices) are ignored.
 """
 
 from __future__ import annotations
 
 import re
+import tarfile
 from typing import IO, Iterator
 
-BLOCK = 512
 MAX_MEMBER_BYTES = 1 << 30  # larger members are skipped and make their sample bad
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # WebDataset's base_plus_ext
@@ -36,141 +41,47 @@ def split_name(name: str) -> tuple[str, str] | None:
     return m.group(1), m.group(2).lower()
 
 
-def _read_exact(stream: IO[bytes], n: int) -> bytes:
-    data = stream.read(n)
-    if data is None:
-        data = b""
-    if len(data) == n:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < n:
-        chunk = stream.read(n - got)
-        if not chunk:
-            raise TarFormatError(f"truncated tar: expected {n} bytes, got {got}")
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
+class _TarInfo(tarfile.TarInfo):
+    """A TarInfo whose header errors are :class:`TarFormatError`.
 
+    Why: :meth:`tarfile.TarFile.next` raises on a bad header only at the start of the archive;
+    after the first member it takes a bad checksum, an invalid number field or a header cut short
+    for the end of the archive, and a damaged shard would pass as a short one.
+    """
 
-def _skip(stream: IO[bytes], n: int, seekable: bool) -> None:
-    if n <= 0:
-        return
-    if seekable:
-        stream.seek(n, 1)
-        return
-    while n > 0:
-        chunk = stream.read(min(n, 1 << 20))
-        if not chunk:
-            raise TarFormatError("truncated tar while skipping member data")
-        n -= len(chunk)
-
-
-def _octal(field: bytes, what: str) -> int:
-    if field and field[0] & 0x80:  # GNU base-256
-        value = int.from_bytes(field, "big", signed=False) & ~(0x80 << (8 * (len(field) - 1)))
-        return value
-    text = field.split(b"\0", 1)[0].strip(b" \0")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError(f"corrupt tar header: {what} field {field!r}") from None
-
-
-def _name(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _parse_pax(data: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
         try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarFormatError("corrupt PAX header") from None
-        if length <= 0:
-            raise TarFormatError("corrupt PAX header")
-        record = data[space + 1: pos + length - 1]
-        key, _, value = record.partition(b"=")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
+            raise
+        except tarfile.EmptyHeaderError:
+            # The data ends at a block boundary: accepted as the end (writers that leave out the
+            # end marker). Re-raised as a zero block so that an empty file is an empty archive.
+            raise tarfile.EOFHeaderError("end of data") from None
+        except tarfile.TruncatedHeaderError:
+            raise TarFormatError(f"truncated tar: the header at byte {tar.offset} is cut short") from None
+        except tarfile.HeaderError as exc:  # bad checksum, invalid number, bad PAX/GNU header
+            raise TarFormatError(f"corrupt tar header at byte {tar.offset}: {exc}") from None
 
 
-class MemberReader:
-    """Iterate over the members of a tar stream: ``for name, size in reader: data = reader.read()``
-    or ``reader.skip()``; whatever the caller does not read is skipped when it advances."""
+def _next(tar: tarfile.TarFile) -> tarfile.TarInfo | None:
+    try:
+        info = tar.next()
+    except tarfile.TarError as exc:  # ReadError "unexpected end of data": data cut short
+        raise TarFormatError(f"truncated tar: {exc} after byte {tar.offset}") from None
+    # TarFile keeps every TarInfo it read in .members (~1 kB each); we never look back, so drop
+    # them to keep a worker's memory flat on long shards.
+    tar.members.clear()
+    return info
 
-    def __init__(self, stream: IO[bytes], *, seekable: bool = False):
-        self.stream = stream
-        self.seekable = seekable
-        self._pending = 0  # unread data bytes (+ padding) of the current member
-        self._size = 0
 
-    def __iter__(self) -> Iterator[tuple[str, int]]:
-        long_name: str | None = None
-        pax: dict[str, str] = {}
-        while True:
-            _skip(self.stream, self._pending, self.seekable)
-            self._pending = 0
-            header = self.stream.read(BLOCK)
-            if not header:
-                return  # EOF without end marker: accepted (concatenated/short writers)
-            if len(header) < BLOCK:
-                header += _read_exact(self.stream, BLOCK - len(header))
-            if header == b"\0" * BLOCK:
-                return
-            stored = _octal(header[148:156], "checksum")
-            if stored != sum(header) - sum(header[148:156]) + 256:  # the field counts as 8 spaces
-                signed = sum((b - 256 if b > 127 else b) for i, b in enumerate(header) if not 148 <= i < 156) + 256
-                if stored != signed:  # some old writers sum signed bytes
-                    raise TarFormatError("corrupt tar header (bad checksum)")
-            size = _octal(header[124:136], "size")
-            kind = header[156:157]
-            name = _name(header[0:100])
-            if header[257:262] == b"ustar":
-                prefix = _name(header[345:500])
-                if prefix:
-                    name = prefix + "/" + name
-            if pax:
-                name = pax.get("path", name)
-                if "size" in pax:
-                    try:
-                        size = int(pax["size"])
-                    except ValueError:
-                        raise TarFormatError("corrupt PAX size") from None
-            if long_name is not None:
-                name = long_name
-            padded = (size + BLOCK - 1) // BLOCK * BLOCK
-            if kind in (b"x", b"L", b"g", b"K"):
-                if size > (1 << 20):
-                    raise TarFormatError("corrupt tar: extended header larger than 1 MiB")
-                data = _read_exact(self.stream, padded)[:size]
-                if kind == b"x":
-                    pax = _parse_pax(data)
-                elif kind == b"L":
-                    long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                continue  # 'g' (global PAX) and 'K' (long link name) are irrelevant here
-            pax = {}
-            long_name = None
-            self._pending = padded
-            self._size = size
-            if kind not in (b"0", b"\0", b"7"):
-                yield "", -1  # directory, link, device...: not a file
-                continue
-            yield name, size
-
-    def read(self) -> bytes:
-        """The data of the current member (consumes it)."""
-        data = _read_exact(self.stream, self._pending)
-        self._pending = 0
-        return data[: self._size]
+def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    try:
+        fh = tar.extractfile(info)
+        return fh.read() if fh is not None else b""
+    except tarfile.TarError as exc:
+        raise TarFormatError(f"truncated tar: {exc} in member '{info.name}' at byte {info.offset}") from None
 
 
 def iter_samples(
@@ -184,36 +95,45 @@ def iter_samples(
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(index, sample)`` for the samples ``start <= index < stop`` of a tar stream.
 
-    The members of samples before ``start`` are skipped without reading their data. A sample
-    holding a member over ``max_member_bytes`` gets ``sample["__bad__"]`` set to the reason (its
-    data is not read). Raises :class:`TarFormatError` on a corrupt or truncated stream; samples
-    yielded before that are complete.
+    ``seekable``: ``stream`` supports ``seek``/``tell`` (a local file); the members of samples
+    before ``start`` are then skipped by seeking, otherwise by reading and discarding their data.
+    A sample holding a member over ``max_member_bytes`` gets ``sample["__bad__"]`` set to the
+    reason (its data is not read). Members without an extension are counted in
+    ``stats["odd_members"]``. Raises :class:`TarFormatError` on a corrupt or truncated stream;
+    samples yielded before that are complete.
     """
     if stats is None:
         stats = {}
-    reader = MemberReader(stream, seekable=seekable)
-    index = -1
-    current: dict | None = None
-    for name, size in reader:
-        if size < 0:
-            continue
-        parts = split_name(name)
-        if parts is None:
-            stats["odd_members"] = stats.get("odd_members", 0) + 1
-            continue
-        key, ext = parts
-        if current is None or key != current["__key__"] or ext in current:
-            if current is not None and index >= start:
-                yield index, current
-            index += 1
-            if stop is not None and index >= stop:
-                return
-            current = {"__key__": key}
-        if index < start:
-            continue  # the reader skips the data when it advances
-        if size > max_member_bytes:
-            current["__bad__"] = f"member '{name}' is {size} bytes, more than {max_member_bytes}"
-            continue
-        current[ext] = reader.read()
-    if current is not None and index >= start and (stop is None or index < stop):
-        yield index, current
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|", tarinfo=_TarInfo,
+                           encoding="utf-8", errors="surrogateescape")
+    except tarfile.TarError as exc:
+        raise TarFormatError(f"not a readable tar: {exc}") from None
+    try:
+        index = -1
+        current: dict | None = None
+        while (info := _next(tar)) is not None:
+            if not info.isreg():
+                continue
+            parts = split_name(info.name)
+            if parts is None:
+                stats["odd_members"] = stats.get("odd_members", 0) + 1
+                continue
+            key, ext = parts
+            if current is None or key != current["__key__"] or ext in current:
+                if current is not None and index >= start:
+                    yield index, current
+                index += 1
+                if stop is not None and index >= stop:
+                    return
+                current = {"__key__": key}
+            if index < start:
+                continue  # not extracted: the next _next() seeks past (r:) or discards (r|) the data
+            if info.size > max_member_bytes:
+                current["__bad__"] = f"member '{info.name}' is {info.size} bytes, more than {max_member_bytes}"
+                continue
+            current[ext] = _read(tar, info)
+        if current is not None and index >= start and (stop is None or index < stop):
+            yield index, current
+    finally:
+        tar.close()  # does not close ``stream`` (the caller's)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
+import time
 
 import pytest
 import webdataset as wds
@@ -153,3 +155,56 @@ def test_split_name():
     assert split_name("a/b/c.d.e") == ("a/b/c", "d.e")
     assert split_name("x.JPG") == ("x", "jpg")
     assert split_name("README") is None and split_name(".hidden") is None and split_name("a/.x.jpg") is None
+
+
+# --------------------------------------------------------------------------------------------
+# pipe: streams (webdataset.gopen's Pipe under maescale's PipeReader)
+# --------------------------------------------------------------------------------------------
+
+# A command that catches EPIPE (as Python, the AWS CLI and many others do) and exits with 1
+EPIPE_CMD = f"{sys.executable} -c \"import sys; w = sys.stdout.buffer.write; [w(b'x' * 4096) for _ in iter(int, 1)]\""
+
+
+def test_pipe_closed_early_is_clean(shard_dir):
+    for cmd in ["yes", EPIPE_CMD, "echo hi; exec sleep 60"]:
+        t0 = time.monotonic()
+        s = open_url(f"pipe:{cmd}")
+        assert len(s.read(2)) == 2
+        s.close()  # neither an error nor a wait for the command to end
+        assert time.monotonic() - t0 < 20, cmd
+    (path,) = write_shards(shard_dir, [6])
+    s = open_url(f"pipe:cat {path}")
+    assert [i for i, _ in iter_samples(s, start=1, stop=3)] == [1, 2]
+    s.close()
+
+
+def test_gopen_alone_reports_an_early_close_as_a_failure():
+    """Why PipeReader exists: webdataset's Pipe raises when a command dies of the closed pipe
+    without status 141 (if this starts failing, gopen handles it now and PipeReader can shrink)."""
+    from webdataset.gopen import gopen
+
+    pipe = gopen(f"pipe:{EPIPE_CMD}", "rb")
+    assert len(pipe.read(2)) == 2
+    with pytest.raises(OSError, match="exit"):
+        pipe.close()
+    assert pipe.status not in (0, 141)
+
+
+def test_failing_pipe_command_raises_naming_it(shard_dir):
+    for _ in range(10):  # at the end of the data, every time: not only if the exit status is in by then
+        s = open_url("pipe:cat /nonexistent/shard-000009.tar")
+        with pytest.raises(OSError, match=r"command 'cat /nonexistent/shard-000009.tar' exited with status 1"):
+            list(iter_samples(s))
+        s.close()
+    (path,) = write_shards(shard_dir, [6])
+    with tarfile.open(path) as tar:
+        cut = tar.getmembers()[6].offset  # a header boundary: the data alone reads as a shorter shard
+    s = open_url(f"pipe:head -c {cut} {path}; exit 3")
+    got = []
+    with pytest.raises(OSError, match=r"command 'head -c \d+ .*shard-000000.tar; exit 3' exited with status 3"):
+        for i, _ in iter_samples(s):
+            got.append(i)
+    s.close()
+    assert got == [0, 1]  # sample 2 is not known to be complete when the error comes
+    with open_url(f"pipe:head -c {cut} {path}") as s:  # the same bytes from a command that succeeded
+        assert [i for i, _ in iter_samples(s)] == [0, 1, 2]
