@@ -723,8 +723,20 @@ def normalize_batch(batch_uint8: torch.Tensor | EncodedBatch, mean: Sequence[flo
     Computed in float32, then cast.
     """
     x = to_device_images(batch_uint8).to(torch.float32)
-    shape = (-1, 1, 1)
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    m, s = _mean_std(tuple(mean), tuple(std), x.device)
     out = (x - m) / s
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+_MEAN_STD: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean``/``std`` in 0-255 units on ``device``, made once: building them from Python floats
+    at every step would be a copy from pageable host memory, which waits for the whole CUDA stream
+    (a host synchronisation per step)."""
+    key = (mean, std, str(device))
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).mul(255.0).to(device)
+                               for v in (mean, std))
+    return _MEAN_STD[key]
