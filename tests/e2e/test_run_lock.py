@@ -81,15 +81,19 @@ def test_checkpoint_that_validates_but_fails_to_load_falls_back(shards, tmp_path
     assert_same_weights(final_weights(ref), final_weights(out))
 
 
-@pytest.mark.parametrize("when", ["start-up", "training"])
-def test_sigterm_to_torchrun_leaves_no_rank_and_the_restart_resumes_exactly(shards, tmp_path, when):
-    """As a user would: SIGTERM to torchrun (not its workers), then the same command again at once."""
+@pytest.mark.parametrize("when,sig", [("start-up", signal.SIGTERM), ("training", signal.SIGTERM),
+                                      ("training", signal.SIGKILL)])
+def test_stopping_torchrun_leaves_no_rank_and_the_restart_resumes_exactly(shards, tmp_path, when, sig):
+    """As a user would: a signal to torchrun (not its workers), then the same command again at once.
+    SIGTERM: torchrun forwards it; SIGKILL: the ranks are orphaned and stop by themselves
+    (maescale.parent), checkpointing on the way out, while the restart waits for their lock."""
     ref, out = tmp_path / "ref", tmp_path / "run"
     overrides = base_overrides(shards, out, 16, **{"deepspeed.zero_stage": 2, "checkpoint.every_steps": 3})
     run_train(TINY, base_overrides(shards, ref, 16, **{"deepspeed.zero_stage": 2, "checkpoint.every_steps": 3}),
               nproc=2)
-    launcher = subprocess.Popen([*train_cmd(2), str(TINY), *overrides], cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=clean_env({"MAESCALE_FAULTS": "train.after_step=sleep:0.1"}),
+    first_log = open(tmp_path / "first.log", "w")  # the ranks inherit it: their stderr outlives torchrun
+    launcher = subprocess.Popen([*train_cmd(2), str(TINY), *overrides], cwd=REPO, stdout=first_log,
+                                stderr=subprocess.STDOUT, env=clean_env({"MAESCALE_FAULTS": "train.after_step=sleep:0.1"}),
                                 start_new_session=True)
     if when == "start-up":
         wait_for(lambda: len(_workers_of(out)) == 2, what="workers started", proc=launcher, timeout=120)
@@ -98,7 +102,7 @@ def test_sigterm_to_torchrun_leaves_no_rank_and_the_restart_resumes_exactly(shar
         wait_for(lambda: logged_step(out) >= 4, what="step 4", proc=launcher, timeout=180)
     first_ranks = _workers_of(out)
     assert len(first_ranks) == 2
-    launcher.send_signal(signal.SIGTERM)  # the launcher only
+    launcher.send_signal(sig)  # the launcher only
     launcher.wait(timeout=120)
     t_exit = time.monotonic()
     # The same command again, at once: it must not write beside leftovers of the first job.
@@ -111,4 +115,8 @@ def test_sigterm_to_torchrun_leaves_no_rank_and_the_restart_resumes_exactly(shar
     gone_after = time.monotonic() - t_exit
     assert restart.wait(timeout=300) == 0, (tmp_path / "restart.log").read_text()[-3000:]
     assert_same_weights(final_weights(ref), final_weights(out))
-    print(f"{when}: the ranks of the stopped torchrun were gone {gone_after:.1f} s after it exited")
+    print(f"{when}, {signal.Signals(sig).name}: the ranks of the stopped torchrun were gone {gone_after:.1f} s "
+          "after it exited")
+    if sig == signal.SIGKILL:  # a rank noticed its launcher was gone and the ranks checkpointed and stopped
+        assert "is gone: stopping (SIGTERM to myself)" in (tmp_path / "first.log").read_text()
+        assert "stop signal received: checkpoint at step" in (out / "logs" / "train.log").read_text()
