@@ -1,0 +1,45 @@
+"""tools/bench_decode.py on the CPU (the device stands in): every measurement runs, its results
+have the documented structure, and facts that hold on any device hold here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from maescale.devtools.decode_bench import format_decode_tables, run_decode_benchmark
+from tests.helpers import REPO
+
+
+def test_decode_benchmark_runs_on_cpu(tmp_path):
+    res = run_decode_benchmark(device="cpu", sets=((96, 72),), batch_size=8, img_size=32, repeats=1,
+                               agree_images=6, feed_steps=2, workdir=str(tmp_path / "work"))
+    assert res["errors"] == {}, res["errors"]
+    e = res["sets"]["96x72"]
+    for phase in ("decode", "crop_resize", "normalize", "total", "per_image_crop_resize_before"):
+        assert e["device_ms"][phase]["median_ms"] > 0
+    ours = e["launches"]["crop_resize_normalize"]["kernel_ops"]
+    assert 0 < ours <= 40 and e["launches"]["per_image_crop_resize_before"]["kernel_ops"] > ours
+    a = e["agreement"]
+    assert a["sampling"] == ["4:2:0"]
+    assert a["decoder_vs_libjpeg_fancy_chroma"]["max"] == 0  # on the CPU the "device" decoder is libjpeg-turbo
+    assert a["decoder_vs_libjpeg_replicated_chroma"]["max"] > 0
+    assert a["420_vs_cpu_plain"]["mean"] < 1
+    w = e["worker"]
+    assert 0 < w["gpu_decode"]["ms_per_image"] < w["cpu_decode_plain"]["ms_per_image"]
+    assert res["feed_overlap"]["images_same_as_sync"] is True
+    table = format_decode_tables(res)
+    assert "| 96x72 |" in table and "Feed overlap" in table
+
+
+def test_bench_decode_cli_reports_a_bad_device(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "tools/bench_decode.py"), "--device", "cpu", "--sets", "bad"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "expected WxH" in proc.stderr
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools/bench_decode.py"), "--device", "cpu", "--sets", "64x48",
+                           "--batch-size", "4", "--img-size", "16", "--repeats", "1", "--agree-images", "2",
+                           "--no-feed-check", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["settings"]["batch_size"] == 4
+    assert "Agreement with the CPU path" in proc.stdout
