@@ -17,12 +17,33 @@ same boxes with and without this option), and
 buffer (one shared-memory block per batch, not one per image) with offsets, the boxes and flips,
 and the ready images.
 
-Device (main process): ``batch.to(device, non_blocking=True)`` moves the ready images (the bytes
-stay on the host: nvjpeg reads host memory); :func:`decode_on_device` (called by
-:func:`maescale.data.normalize_batch` and :func:`to_device_images`) decodes all the JPEGs of the
-batch with one ``torchvision.io.decode_jpeg(list, device=device, mode=RGB)`` call (batched nvjpeg
-on CUDA; libjpeg-turbo on CPU), crops each to its box, resizes it to ``img_size`` with
-antialiased bicubic (or bilinear) on float32 (rounded and clamped back to uint8) and flips it.
+Device (main process; :class:`maescale.data.feed.DeviceFeed` runs it in its producer thread, on a
+side CUDA stream, one batch ahead of the training step): ``batch.to(device, non_blocking=True)``
+moves the ready images (the bytes stay on the host: nvjpeg reads host memory);
+:func:`decode_on_device` (called by :func:`maescale.data.normalize_batch` and
+:func:`to_device_images`)
+
+1. decodes all the JPEGs of the batch with one ``torchvision.io.decode_jpeg(list, device=device,
+   mode=RGB)`` call (:func:`decode_jpegs`: batched nvjpeg on CUDA, on the A100/H100/H200's
+   hardware decoder for baseline JPEGs; libjpeg-turbo on the CPU);
+2. crops, resizes (antialiased bicubic or bilinear, the filter and windows of PIL and of
+   ``F.interpolate(antialias=True)``) and flips the whole batch at once
+   (:func:`crop_resize_batch`): one ``cat`` of the decoded images into a flat buffer, one
+   ``index_select`` of every crop row through a sliding-window view of it (crops padded to the
+   largest), per-sample separable weight matrices built for all samples together (zero outside
+   each crop, the flip folded in as reversed rows), and two batched matmuls ``Wy @ X @ Wx^T``, then
+   round, clamp, uint8, one ``index_copy`` to the batch slots. All the small metadata (row
+   offsets, slots, filter coordinates) is computed on the host and moved with one copy from pinned
+   memory. About 30 kernels per batch including the normalisation, whatever the batch size
+   (counted on the CPU as compute ops, on CUDA with ``torch.profiler`` by ``tools/bench_decode.py``),
+   where the per-image loop of before launched ~830 for 128 images. A batch whose padded crops
+   exceed :data:`CHUNK_ELEMENTS` is done in chunks of similar-sized crops (~9 kernels more per
+   chunk). Nothing waits on the host: no ``.item()``, no data-dependent shapes, no pageable copies.
+
+Precision: the first (large) matmul runs in float16 on CUDA -- uint8 values are exact in it and
+the weights keep 11 bits -- accumulated in float32 (cuBLAS compute type), the second in float32; against a float32
+computation this changes ~2% of the pixels by one grey level (rounding at .5), never more
+(tested on the CPU, which supports both).
 
 Failures on the device never stop the run: when the batched call raises, the JPEGs are decoded
 one by one on the device, then on the CPU; an image that still fails, or whose decoded size
@@ -31,9 +52,35 @@ differs from its header's, is a bad sample: it is counted in the loader's ``samp
 another image of the same batch (mid-grey if none decoded). The batch size never changes, so the
 position and the exact resume (which only depend on what the workers read) are unaffected.
 
-Images differ slightly from the CPU path's for the same box (another JPEG decoder -- nvjpeg or
-libjpeg-turbo at full resolution instead of the DCT-scaled ``draft()`` decode -- and a float
-resize instead of the uint8 one): within a few grey levels on average (see the tests).
+How the images differ from the CPU path's for the same box and flip, and why (measured on
+photo-like q90 JPEGs with RandomResizedCrop boxes to 224 px; ``tools/bench_decode.py`` reports the
+same on a GPU):
+
+* The resampling itself agrees: the batched float resize equals the per-image
+  ``F.interpolate(antialias=True)`` reference within 1 grey level. The CPU path resizes in uint8
+  (torch's kernel on the fast path, PIL's on the plain path), two passes with the intermediate
+  rounded and clamped to 0-255, which cuts the bicubic overshoot at sharp edges: with the same
+  decoder (libjpeg-turbo, as here on the CPU) the device path is within mean ~0.2, 99.9th
+  percentile 1, max 9 grey levels of either CPU path.
+* Chroma upsampling is the large one, and explains the worst pixels seen on a GPU (mean 0.74, max
+  116 on 500x375 photos): JPEGs store colour (Cb, Cr) at half resolution (4:2:0); libjpeg-turbo
+  (PIL, torchvision on the CPU) upsamples it with a triangle filter ("fancy upsampling"), nvJPEG by
+  default replicates each chroma sample over its 2x2 pixels (nvJPEG has a flag for interpolated
+  upsampling; torchvision does not set it). At a sharp edge between saturated colours the two
+  differ by up to ~7/16 of the chroma step, times 1.4-1.8 in R or B: up to ~100 grey levels
+  before the resize, less after a downscale, all of it on an upscaled small crop. Emulated on the
+  CPU (:func:`maescale.devtools.decode_bench.box_chroma_decode`) it gives mean 0.80, 99.9th
+  percentile 24, max 104 on 500x375 images (mean 0.14, max 11 on 2000x1500, where the downscale
+  averages it out). The tested bound with replicated chroma: mean < 1.5, 99.9th percentile <= 40,
+  max <= 128. JPEGs without chroma subsampling (4:4:4) have nothing to upsample and come back
+  within the first bound; so do grayscale ones. Not a bug of either side; it cannot be changed
+  through torchvision's decoder.
+* Against the default fast CPU path on large photos, that path's own approximation adds to it:
+  it decodes with DCT scaling (1/2, 1/4) and rounds the crop box to the reduced pixel grid,
+  which shifts the crop by up to half an output pixel -- at sharp edges up to ~100 grey levels
+  (fast vs plain path on 2000x1500: mean 1.16, max 96; of that the box rounding alone is mean
+  1.0, max 99, the DCT-scaled decode mean 0.5). The device path, which resizes from the exact box
+  at full resolution, agrees with the plain (reference) path instead: mean 0.09, max 3 there.
 """
 
 from __future__ import annotations
