@@ -284,9 +284,13 @@ def bench_worker_process_cpu(shards: str, count: int, *, img_size: int, batch_si
     cfg = DataConfig(train_shards=shards, num_workers=1, prefetch_factor=2, shuffle_buffer=64,
                      pin_memory=False, fast_decode=fast, gpu_decode=gpu_decode)
     loader = build_train_loader(cfg, img_size=img_size, micro_batch_size=batch_size, rank=0, world_size=1, seed=0)
+    before = {c.pid for c in psutil.Process().children()}
     it = iter(loader)
-    n = len(next(it))
-    (worker,) = psutil.Process().children()
+    next(it)
+    started = [c for c in psutil.Process().children() if c.pid not in before]
+    if len(started) != 1:
+        raise RuntimeError(f"expected one new DataLoader worker process, found {len(started)}")
+    worker = started[0]
     t0 = sum(worker.cpu_times()[:2])
     n = 0
     for _ in range(count // batch_size - 1):

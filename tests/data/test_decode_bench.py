@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from maescale.devtools.decode_bench import format_decode_tables, run_decode_benchmark
+from tests.data.conftest import write_jpeg_shards
 from tests.helpers import REPO
 
 
@@ -26,7 +27,9 @@ def test_decode_benchmark_runs_on_cpu(tmp_path):
     assert a["decoder_vs_libjpeg_replicated_chroma"]["max"] > 0
     assert a["420_vs_cpu_plain"]["mean"] < 1
     w = e["worker"]
-    assert 0 < w["gpu_decode"]["ms_per_image"] < w["cpu_decode_plain"]["ms_per_image"]
+    for key in ("gpu_decode", "cpu_decode_fast", "cpu_decode_plain"):
+        assert w[key]["ms_per_image"] > 0
+        assert abs(w[key]["images_per_s_per_core"] * w[key]["ms_per_image"] - 1000) < 1
     assert res["feed_overlap"]["images_same_as_sync"] is True
     table = format_decode_tables(res)
     assert "| 96x72 |" in table and "Feed overlap" in table
@@ -43,3 +46,13 @@ def test_bench_decode_cli_reports_a_bad_device(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(out.read_text())["settings"]["batch_size"] == 4
     assert "Agreement with the CPU path" in proc.stdout
+
+
+def test_worker_process_cpu_is_measured_in_the_worker(tmp_path):
+    from maescale.devtools.data_bench import bench_gpu_decode_worker, bench_worker_process_cpu
+
+    shards = write_jpeg_shards(tmp_path / "s", count=32, sizes=[(200, 150)])
+    for gpu in (True, False):
+        in_process, decode = bench_gpu_decode_worker(shards, 32, img_size=32, batch_size=8, gpu_decode=gpu)
+        assert in_process > 0 and decode == 0  # no device decode unless asked for
+        assert bench_worker_process_cpu(shards, 32, img_size=32, batch_size=8, gpu_decode=gpu) > 0
