@@ -270,34 +270,52 @@ def bench_gpu_decode_worker(shards: str, count: int, *, img_size: int, batch_siz
     return 1e3 * worker / n, 1e3 * decode / n
 
 
+def _process_cpu_s(proc) -> float:
+    """CPU seconds of a process: nanosecond run time from /proc/PID/schedstat on Linux (psutil's
+    user + system time has a 10 ms tick), else psutil's."""
+    try:
+        with open(f"/proc/{proc.pid}/schedstat") as fh:
+            return int(fh.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return sum(proc.cpu_times()[:2])
+
+
 def bench_worker_process_cpu(shards: str, count: int, *, img_size: int, batch_size: int, gpu_decode: bool,
                              fast: bool = True) -> float:
-    """CPU milliseconds per image of one DataLoader worker process (its user + system time, read
-    with psutil, first batch not counted): what a worker core really spends, including packing the
-    batch into shared memory (page faults) and pickling, which the in-process measurement of
-    :func:`bench_gpu_decode_worker` leaves out."""
+    """CPU milliseconds per image of one DataLoader worker process: what a worker core really
+    spends, including packing each batch into shared memory (page faults) and pickling, which the
+    in-process measurement of :func:`bench_gpu_decode_worker` leaves out. The worker's whole CPU
+    time (it starts at 0 when forked) is divided by the images it produced: those consumed plus
+    the ``prefetch_factor`` batches it makes ahead before it idles (waited for)."""
     import psutil
 
     from maescale.config import DataConfig
     from maescale.data import build_train_loader
 
-    cfg = DataConfig(train_shards=shards, num_workers=1, prefetch_factor=2, shuffle_buffer=64,
+    prefetch = 2
+    cfg = DataConfig(train_shards=shards, num_workers=1, prefetch_factor=prefetch, shuffle_buffer=64,
                      pin_memory=False, fast_decode=fast, gpu_decode=gpu_decode)
     loader = build_train_loader(cfg, img_size=img_size, micro_batch_size=batch_size, rank=0, world_size=1, seed=0)
     before = {c.pid for c in psutil.Process().children()}
     it = iter(loader)
+    consumed = 1
     next(it)
     started = [c for c in psutil.Process().children() if c.pid not in before]
     if len(started) != 1:
         raise RuntimeError(f"expected one new DataLoader worker process, found {len(started)}")
     worker = started[0]
-    t0 = sum(worker.cpu_times()[:2])
-    n = 0
-    for _ in range(count // batch_size - 1):
-        n += len(next(it))
-    cpu = sum(worker.cpu_times()[:2]) - t0  # the worker may have prefetched ahead: a slight overestimate
+    for _ in range(max(1, count // batch_size - 1)):
+        next(it)
+        consumed += 1
+    last, deadline = -1.0, time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the worker has filled its prefetch slots and idles
+        time.sleep(0.2)
+        cpu = _process_cpu_s(worker)
+        if cpu - last < 1e-4:
+            break
+        last = cpu
     loader.close()
-    return 1e3 * cpu / n
+    return 1e3 * last / ((consumed + prefetch) * batch_size)
 
 
 # Images/s per GPU that the sizing guide plans for: ViT-H/14 at micro-batch 128 on an H200 trains
