@@ -9,9 +9,10 @@ ToTensor, the maescale pipeline (fast decode on and off) and reading the tar byt
 
     python tools/bench_data.py --gpu-decode [--num-images 512] [--json out.json]
 
-measures instead the worker's CPU milliseconds per image with ``data.gpu_decode: true`` (header,
-crop box, JPEG bytes) against a full decode; with --json the results are added under the key
-"gpu_decode" of the file (its other keys are kept).
+measures instead the sizing guide: the worker's CPU milliseconds per image, images/s per core and
+worker cores per GPU (at --target img/s per GPU) with ``data.gpu_decode: true`` (header, crop box,
+JPEG bytes) and with the CPU decode; with --json the results are added under the key "gpu_decode"
+of the file (its other keys are kept). The device side: ``tools/bench_decode.py``.
 """
 
 import argparse
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--gpu-decode", action="store_true",
                    help="measure the worker's CPU cost per image with data.gpu_decode vs a full decode")
+    p.add_argument("--target", type=float, default=None,
+                   help="images/s per GPU to size workers for (--gpu-decode; default: ViT-H on an H200, 1700)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.gpu_decode:
@@ -59,10 +62,11 @@ def _gpu_decode(args) -> int:
     import json
     import os
 
+    extra = {} if args.target is None else {"target": args.target}
     results = run_gpu_decode_benchmark(num_images=args.num_images, num_large=args.num_large,
                                        batch_size=args.batch_size, img_size=args.img_size, repeats=args.repeats,
-                                       workdir=args.workdir, keep=args.workdir is not None)
-    print(f"CPU ms per image in the worker, data.gpu_decode vs full decode (batch {args.batch_size}, "
+                                       workdir=args.workdir, keep=args.workdir is not None, **extra)
+    print(f"Worker CPU per image, data.gpu_decode vs CPU decode (batch {args.batch_size}, "
           f"{results['machine']['cores']}-core {results['machine']['cpu']}, {results['date']}; "
           f"{results['note']})")
     print(format_gpu_decode_table(results))

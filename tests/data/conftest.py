@@ -12,6 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from maescale.config import DataConfig
+from maescale.data.demo import photo_like_jpeg
 
 
 def id_png(i: int, size: int = 12) -> bytes:
@@ -57,3 +58,37 @@ def data_cfg(shards, **kw) -> DataConfig:
 @pytest.fixture()
 def shard_dir(tmp_path: Path) -> Path:
     return tmp_path / "shards"
+
+
+# ---- photo-like JPEG shards (data.gpu_decode tests, the e2e resume test) ----------------------
+
+SIZES = [(64, 48), (300, 200), (500, 375), (1200, 900)]
+
+
+def jpeg_of(i: int, size: tuple[int, int], mode: str = "RGB", quality: int = 90) -> bytes:
+    data = photo_like_jpeg(i, *size, quality=quality)
+    if mode == "RGB":
+        return data
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert(mode).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_jpeg_shards(folder: Path, count: int = 48, per_shard: int = 12, sizes=SIZES,
+                      special: dict[int, tuple[str, bytes]] | None = None) -> str:
+    """Shards of photo-like JPEGs of the given sizes (cycled); ``special`` replaces sample i by
+    (extension, bytes). Returns a glob pattern; sizes.json is written beside."""
+    folder.mkdir(parents=True, exist_ok=True)
+    special = special or {}
+    table = {}
+    for s in range((count + per_shard - 1) // per_shard):
+        path = folder / f"shard-{s:06d}.tar"
+        n = 0
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(s * per_shard, min(count, (s + 1) * per_shard)):
+                ext, data = special.get(i, ("jpg", jpeg_of(i, sizes[i % len(sizes)])))
+                sink.write({"__key__": f"s{i:05d}", ext: data, "cls": b"0"})
+                n += 1
+        table[path.name] = n
+    (folder / "sizes.json").write_text(json.dumps({"total": count, "shards": table}))
+    return str(folder / "shard-*.tar")
