@@ -76,9 +76,6 @@ class DeviceFeed:
         self.loader, self.device, self.prefetch = loader, device, int(prefetch)
         self.mean, self.std = tuple(mean), tuple(std)
         self.batches_per_epoch: int | None = loader.batches_per_epoch
-        # mean/std on the device once: normalize_batch then copies nothing from the host per batch
-        self._mean = torch.as_tensor(self.mean, dtype=torch.float32).to(device)
-        self._std = torch.as_tensor(self.std, dtype=torch.float32).to(device)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._iter = None
         self._position = loader.state_dict()
@@ -96,7 +93,7 @@ class DeviceFeed:
 
     def _prepare(self, batch: Any) -> torch.Tensor:
         """Device work of one loader batch, queued on the current stream."""
-        return normalize_batch(batch.to(self.device, non_blocking=True), self._mean, self._std)
+        return normalize_batch(batch.to(self.device, non_blocking=True), self.mean, self.std)
 
     def _produce(self) -> _Prepared:
         """Take the next loader batch and queue its device work (on the side stream on CUDA)."""
