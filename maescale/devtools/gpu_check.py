@@ -122,10 +122,35 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"micro-batch {mb}: " + ", ".join(parts))
     dec = report.get("decode")
     if dec:
-        lines.append("decode: " + json.dumps(dec.get("summary", dec))[:600])
+        lines += _decode_lines(dec)
     lines += [f"FAIL: {m}" for m in report["failures"]] or [f"loop >= {FAIL_BELOW}x bare at every micro-batch: ok"
                                                             if report["ratios"] else "no loop/bare pair measured"]
     return "\n".join(lines)
+
+
+def _decode_lines(dec: dict[str, Any]) -> list[str]:
+    """A line per image set of ``tools/bench_decode.py``'s results, and the feed-overlap line."""
+    def g(d: Any, *keys: str) -> Any:
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    lines = []
+    for name, r in (dec.get("sets") or {}).items():
+        launch = g(r, "launches", "crop_resize_normalize")
+        n = (launch or {}).get("launch_calls", (launch or {}).get("kernel_ops"))
+        agree = g(r, "agreement", "420_vs_cpu_fast") or {}
+        lines.append(f"decode {name}: batch {g(r, 'device_ms', 'total', 'median_ms')} ms (nvjpeg "
+                     f"{g(r, 'device_ms', 'decode', 'median_ms')}, crop/resize {g(r, 'device_ms', 'crop_resize', 'median_ms')}"
+                     f", per-image before {g(r, 'device_ms', 'per_image_crop_resize_before', 'median_ms')}), launches "
+                     f"ours {n}, vs CPU fast path mean {agree.get('mean')} max {agree.get('max')}, worker "
+                     f"{g(r, 'worker', 'gpu_decode', 'ms_per_image')} ms/img")
+    feed = dec.get("feed_overlap")
+    if feed:
+        lines.append(f"decode feed overlap: {feed}")
+    if dec.get("errors"):
+        lines.append(f"decode errors: {str(dec['errors'])[:400]}")
+    return lines
 
 
 def measure_environment() -> dict[str, Any]:
