@@ -17,7 +17,8 @@
 #   5. the report: one table + $OUT/gpu_check.json; exits 1 if the loop runs below 0.9x the bare
 #      step at either micro-batch (tools/gpu_check.py report).
 # Steps past the time budget (BUDGET_S, 270 s by default) are skipped and say so. Each step's log
-# is in $OUT/logs.tar.gz. PRESET, CONFIG, IMG, MB, MB_DATA, WORKERS, NUM_IMAGES, COMPILE=0 shrink it
+# is in $OUT/logs.tar.gz. PRESET, CONFIG, IMG, MB, MB_DATA, WORKERS, NUM_IMAGES, DEVICE, DECODE_ARGS,
+# COMPILE=0 shrink it
 # (tests/test_gpu_check.py runs it on a CPU with the tiny preset, so the script is proven before a
 # GPU is lent). Needs DeepSpeed, webdataset and submitit: on the lent GPU machine they
 # come as wheels in .whl/ (../shared/gpu/fetch-wheels.sh), installed first if present.
@@ -66,7 +67,8 @@ step loop-synthetic 60 "$PY" tools/bench_loop.py "$CONFIG" --micro-batch "$MB" -
 step loop-data 70 "$PY" tools/bench_loop.py "$CONFIG" --micro-batch "$MB_DATA" --data shards,gpu_decode "${L[@]}" \
   --make-shards "$OUT/shards" --num-images "$NUM_IMAGES" --json "$OUT/loop_data.json"
 if [ -f tools/bench_decode.py ]; then
-  step decode 45 "$PY" tools/bench_decode.py --device cuda --json "$OUT/decode.json"
+  # shellcheck disable=SC2086  # DECODE_ARGS is a list of flags
+  step decode 45 "$PY" tools/bench_decode.py --device "${DEVICE:-cuda}" ${DECODE_ARGS:-} --json "$OUT/decode.json"
 fi
 [ "${COMPILE:-1}" = 1 ] && step bare-compile 60 timeout 75 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sdpa --compile blocks \
   --json "$OUT/bare.json" --append --note "bare bf16 step, regional compile"

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 def test_gpu_check_script_runs_and_reports(tmp_path):
     env = clean_env({"OUT": str(tmp_path / "out"), "PY": os.environ.get("PYTHON", "python"), "PRESET": "mae_vit_tiny_patch4",
                      "CONFIG": "configs/tiny.yaml", "IMG": "32", "MB": "8", "MB_DATA": "8", "WORKERS": "1",
-                     "NUM_IMAGES": "128", "COMPILE": "0", "BUDGET_S": "900"})
+                     "NUM_IMAGES": "128", "COMPILE": "0", "BUDGET_S": "900", "DEVICE": "cpu",
+                     "DECODE_ARGS": "--sets 100x80 --batch-size 8 --repeats 2 --agree-images 4 --feed-steps 3"})
     import sys
 
     env["PY"] = sys.executable
@@ -33,4 +34,5 @@ def test_gpu_check_script_runs_and_reports(tmp_path):
     assert "loop_vs_bare" in report["ratios"]["8"] and "gpu_decode_vs_cpu_decode" in report["ratios"]["8"]
     assert (out / "logs.tar.gz").is_file() and not (out / "shards").exists()
     assert "micro-batch 8:" in proc.stdout and "SKIPPED" not in proc.stdout
+    assert "decode 100x80: batch" in proc.stdout and "images_same_as_sync': True" in proc.stdout
     assert proc.returncode in (0, 1)  # 1: the CPU loop below 0.9x the bare step, which only a GPU run judges
