@@ -30,6 +30,7 @@ from maescale.faults import fault_point, maybe_poison
 from maescale.metrics import ProgressLog, TensorBoardLogger, reconstruction_grid, save_png
 from maescale.models import build_model
 from maescale.optim import build_engine, effective_batch, make_schedule, set_lr
+from maescale.probe import build_evaluator
 from maescale.rundir import RunDir, tag_for_step
 
 log = logging.getLogger("maescale.train")
@@ -172,6 +173,11 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
                       dtype=cfg.train.precision)
     tb = TensorBoardLogger(run.path, enabled=rank == 0)
     signals = StopSignals(cfg.checkpoint.on_signal, extra_stop_signals)
+    # kNN accuracy of the encoder on labelled shards (eval.*; off unless eval.every_steps > 0).
+    evaluator = build_evaluator(cfg, rank=rank, world=world, device=device, group=ctx.control_group, tb=tb,
+                                run_dir=run.path, total_steps=total_steps)
+    if step == 0:
+        evaluator.maybe_run(step, model)  # the encoder at initialisation: the baseline of the curve
     bar = _progress_bar(cfg, rank, step, total_steps)
     progress = ProgressLog(tb, total_steps, world, model_flops, hw_flops, peak, device, bar)
     timer = progress.timer
@@ -224,6 +230,9 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
             loss_count = 0
         if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
             tb.image(step, "reconstruction", reconstruction_grid(model, imgs, pred, mask, mean, std))
+        # Restores RNG states and module modes and reads its own data: the trajectory is unchanged.
+        if (metrics := evaluator.maybe_run(step, model)) is not None:
+            timer.start += metrics["eval/seconds"]  # evaluation time is not training throughput
 
         # Ranks agree (on the CPU control group) on stopping and on time-based saves.
         time_due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.checkpoint.every_minutes
