@@ -78,11 +78,18 @@ def encoder_features(model: torch.nn.Module, imgs: torch.Tensor) -> dict[str, to
     module docstring). Goes through the model's own ``forward_features`` and reads the tokens
     entering its final norm with a forward hook, so the encoder computation is written once."""
     captured: list[torch.Tensor] = []
-    handle = model.norm.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+    blocks_dtype = model.blocks[0].norm1.weight.dtype
+    handles = [
+        model.norm.register_forward_hook(lambda _m, args, _out: captured.append(args[0])),
+        # bf16 weights may sit beside a float32 pos_embed (ZeRO-3 leaves buffers in float32), which
+        # makes the tokens float32; the blocks take them in their own dtype, as in training.
+        model.blocks[0].register_forward_pre_hook(lambda _m, args: (args[0].to(blocks_dtype), *args[1:])),
+    ]
     try:
         out = model.forward_features(imgs.to(model.patch_embed.proj.weight.dtype))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     tokens = captured[-1]
     dim = tokens.shape[-1]
     pooled = tokens[:, 1:].float().mean(dim=1)
