@@ -323,7 +323,8 @@ def test_empty_split_names_the_flag(tmp_path):
             extract_features(model, val, CenterCropTransform(32), **kw)
         assert "--val-shards" in str(err.value) and "val split is empty" in str(err.value) and hint in str(err.value)
     with pytest.raises(DataError, match="eval.val_shards: the pattern .* matches no files"):
-        make_splits(str(good), str(tmp_path / "nothing-*.tar"), train_key="eval.train_shards", val_key="eval.val_shards")
+        make_splits(str(good), str(tmp_path / "nothing-*.tar"), train_key="eval.train_shards",
+                    val_key="eval.val_shards")
 
 
 def test_bad_label_text_is_reported(tmp_path):
@@ -415,7 +416,8 @@ def test_probe_cli_bad_inputs(demo_shards, mae_file, tmp_path, capsys):
 
 
 def eval_config(demo_shards: Path, out: Path, **eval_keys) -> Config:
-    overrides = {"output_dir": str(out), "eval.every_steps": 5, "eval.train_shards": str(demo_shards / "shards" / "*.tar"),
+    overrides = {"output_dir": str(out), "eval.every_steps": 5,
+                 "eval.train_shards": str(demo_shards / "shards" / "*.tar"),
                  "eval.val_shards": str(demo_shards / "heldout" / "*.tar"), **eval_keys}
     return load_config(REPO / "configs" / "tiny.yaml", [f"{k}={v}" for k, v in overrides.items()])
 

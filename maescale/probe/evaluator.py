@@ -96,7 +96,11 @@ class Evaluator:
             max_val_samples=e.max_val_samples)
         self.transform = CenterCropTransform(cfg.model.img_size, cfg.data.interpolation, cfg.data.max_image_pixels)
         if rank == 0:
-            old = read_history(run_dir) if self.path.exists() else None
+            try:
+                old = read_history(run_dir)
+            except ValueError as exc:  # a damaged history must not stop the training
+                log.warning("%s; starting a new kNN history", exc)
+                old = None
             self.history = list(old.get("history", [])) if old else []
 
     def due(self, step: int) -> bool:

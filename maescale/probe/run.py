@@ -140,7 +140,8 @@ def probe_encoder(source: str | os.PathLike, train: Split, val: Split, options: 
         for kind in FEATURE_KINDS:
             result = train_linear_probe(train_f.feats[kind], train_f.labels, val_f.feats[kind], val_f.labels,
                                         num_classes, options.linear)
-            report["linear"][kind] = {k: v for k, v in result.to_json(names, options.per_class).items() if k != "config"}
+            scores = result.to_json(names, options.per_class)
+            report["linear"][kind] = {k: v for k, v in scores.items() if k != "config"}
         report["seconds"]["linear"] = time.perf_counter() - t
     return report
 
