@@ -183,13 +183,13 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [f"probe of {where}: {src['model']}, {src['img_size']} px, {report['precision']}, "
              f"{report['processes']} process(es)",
              f"  {data['train']['samples']} train / {data['val']['samples']} val images, {data['classes']} classes",
-             f"  {'method':<8}{'features':<10}{'top-1':>8}{k5:>8}"]
+             f"  {'method':<10}{'features':<10}{'top-1':>8}{k5:>8}"]
     for method, label in (("knn", f"kNN k={report.get('knn', {}).get('k')}"), ("linear", "linear")):
         if method not in report:
             continue
         for kind in FEATURE_KINDS:
             r = report[method][kind]
-            lines.append(f"  {label if kind == FEATURE_KINDS[0] else '':<8}{kind:<10}{100 * r['top1']:>8.2f}"
+            lines.append(f"  {label if kind == FEATURE_KINDS[0] else '':<10}{kind:<10}{100 * r['top1']:>8.2f}"
                          f"{100 * r['top5']:>8.2f}")
     return "\n".join(lines)
 
