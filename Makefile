@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The demo starts fresh each time (a second `tools/train.py configs/demo.yaml` would resume).
+# It ends with the kNN accuracy of the trained encoder on held-out images against its initialisation.
 demo: $(STAMP)
 	$(PY) tools/make_demo_data.py --output demo_data
 	rm -rf runs/demo
 	$(PY) tools/train.py configs/demo.yaml
+	$(PY) tools/probe.py --history runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -185,6 +185,29 @@ class SlurmConfig:
 
 
 @dataclass
+class EvalConfig:
+    """kNN evaluation of the encoder during training (:mod:`maescale.probe`); off while
+    ``every_steps`` is 0. Every ``every_steps`` steps (and at step 0 and the last step) the
+    job pauses, extracts features of a fixed labelled subset (``.cls`` shards) with the current
+    encoder, runs a weighted kNN (DINO's) and logs ``eval/knn_top1`` / ``eval/knn_top5``."""
+
+    every_steps: int = 0  # 0 = off
+    train_shards: Union[str, list[str]] = ""  # labelled shards: the kNN memory bank
+    # Labelled shards to classify. Empty: a seeded split of train_shards (val_fraction of the
+    # samples, chosen by a hash of split_seed and the sample key) is held out instead.
+    val_shards: Union[str, list[str]] = ""
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    max_train_samples: int | None = 10000  # the first N samples (in shard order); null = all
+    max_val_samples: int | None = 10000
+    k: int = 20  # DINO's kNN: k = 20, temperature 0.07
+    temperature: float = 0.07
+    features: Literal["cls", "avgpool"] = "cls"  # what eval/knn_top1 reports (both are logged)
+    batch_size: int = 64  # images per forward pass, per process
+    at_start: bool = True  # also evaluate the encoder at initialisation (step 0)
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -200,6 +223,7 @@ class Config:
     lock: LockConfig = field(default_factory=LockConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
@@ -546,6 +570,8 @@ def validate(cfg: Config) -> None:
     _check(lk.stale_s >= 3 * lk.heartbeat_s, "lock.stale_s", lk.stale_s,
            f"at least 3 x lock.heartbeat_s ({3 * lk.heartbeat_s:g} s), so that a slow beat is not taken for a dead job")
 
+    _validate_eval(cfg.eval)
+
     _check(s.nodes >= 1, "slurm.nodes", s.nodes, "an integer >= 1")
     _check(s.gpus_per_node >= 0, "slurm.gpus_per_node", s.gpus_per_node, "an integer >= 0")
     _check(s.cpus_per_task >= 1, "slurm.cpus_per_task", s.cpus_per_task, "an integer >= 1")
@@ -581,6 +607,23 @@ def _validate_lean_step(cfg: Config) -> None:
         _check(False, "deepspeed.extra.bf16.check_grad_overflow", False,
                "true without the lean step (it would let non-finite steps through unchecked); deepspeed.lean_step "
                "turns it off safely for ZeRO-1/2 without clipping")
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    _check(e.every_steps >= 0, "eval.every_steps", e.every_steps, "0 (off) or an integer >= 1")
+    _check(e.k >= 1, "eval.k", e.k, "an integer >= 1 (neighbours; DINO uses 20)")
+    _check(e.temperature > 0, "eval.temperature", e.temperature, "a positive number (DINO uses 0.07)")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
+    for key, value in (("eval.max_train_samples", e.max_train_samples), ("eval.max_val_samples", e.max_val_samples)):
+        _check(value is None or value >= 1, key, value, "null (all) or an integer >= 1")
+    _check(0.0 < e.val_fraction < 1.0, "eval.val_fraction", e.val_fraction, "a fraction in the open interval (0, 1)")
+    for key, value in (("eval.train_shards", e.train_shards), ("eval.val_shards", e.val_shards)):
+        if isinstance(value, list):
+            _check(all(bool(x) for x in value), key, value, "non-empty shard patterns")
+    if e.every_steps > 0 and not e.train_shards:
+        raise ConfigError("eval.every_steps > 0 needs labelled shards (with .cls labels, as tools/make_shards.py "
+                          "writes for class folders): set eval.train_shards (and eval.val_shards, or leave it empty "
+                          "to hold out eval.val_fraction of them), or set eval.every_steps=0", key="eval.train_shards")
 
 
 def parse_slurm_time(value: str | int) -> int:

@@ -34,6 +34,7 @@ from maescale.models import build_model
 from maescale.optim import (OptimizerStep, StepHealth, build_engine, effective_batch, lean_step_enabled, make_schedule,
                             set_lr)
 from maescale.parent import exit_with_launcher
+from maescale.probe import build_evaluator
 from maescale.profiling import StepProfile, StepProfiler
 from maescale.rundir import RunDir, RunLock, RunLocked, RunLockLost, tag_for_step
 
@@ -189,6 +190,11 @@ def train(cfg: Config, ctx: DistContext, run: RunDir, lock: RunLock,
                       dtype=cfg.train.precision)
     tb = TensorBoardLogger(run.path, enabled=rank == 0)
     signals = StopSignals(cfg.checkpoint.on_signal, extra_stop_signals)
+    # kNN accuracy of the encoder on labelled shards (eval.*; off unless eval.every_steps > 0).
+    evaluator = build_evaluator(cfg, rank=rank, world=world, device=device, group=ctx.control_group, tb=tb,
+                                run_dir=run.path, total_steps=total_steps)
+    if step == 0:
+        evaluator.maybe_run(step, model)  # the encoder at initialisation: the baseline of the curve
     bar = _progress_bar(cfg, rank, step, total_steps)
     progress = ProgressLog(tb, total_steps, world, model_flops, hw_flops, peak, device, bar)
     timer = progress.timer
@@ -235,6 +241,9 @@ def train(cfg: Config, ctx: DistContext, run: RunDir, lock: RunLock,
             last_log_step = step
         if rank == 0 and cfg.train.image_every and step % cfg.train.image_every == 0:
             tb.image(step, "reconstruction", reconstruction_grid(model, imgs, pred, mask, mean, std))
+        # Restores RNG states and module modes and reads its own data: the trajectory is unchanged.
+        if (metrics := evaluator.maybe_run(step, model)) is not None:
+            timer.start += metrics["eval/seconds"]  # evaluation time is not training throughput
 
         # Ranks agree (on the CPU control group) on stopping and on time-based saves.
         time_due = cfg.checkpoint.every_minutes > 0 and time.monotonic() - last_save_time >= 60 * cfg.checkpoint.every_minutes

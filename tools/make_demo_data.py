@@ -4,7 +4,8 @@
     python tools/make_demo_data.py --output demo_data [--num-images 512] [--size 96] [--seed 0]
 
 Writes demo_data/shards/shard-*.tar and demo_data/shards/sizes.json (what configs/tiny.yaml
-reads), replacing an earlier demo set there. Deterministic given the seed; takes a few seconds.
+reads) and 128 further labelled images in demo_data/heldout/ (the kNN evaluation of
+configs/demo.yaml classifies them), replacing an earlier demo set there. Deterministic given the seed; takes a few seconds.
 The logic lives in :mod:`maescale.data.demo`.
 """
 
@@ -25,11 +26,12 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--maxcount", type=int, default=128, help="images per shard")
+    p.add_argument("--heldout", type=int, default=128, help="held-out images for the kNN evaluation (0: none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = make_demo_data(args.output, num_images=args.num_images, size=args.size, seed=args.seed,
-                                 maxcount=args.maxcount)
+                                 maxcount=args.maxcount, heldout=args.heldout)
     except ValueError as exc:
         print(f"make_demo_data: error: {exc}", file=sys.stderr)
         return 2

@@ -90,9 +90,10 @@ def demo_image(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def demo_records(num_images: int, size: int, seed: int = 0, quality: int = 90) -> Iterator[Record]:
-    """The demo samples as shard records (JPEG + cls + json); image i depends only on (seed, i)."""
-    for i in range(num_images):
+def demo_records(num_images: int, size: int, seed: int = 0, quality: int = 90, start: int = 0) -> Iterator[Record]:
+    """The demo samples ``start .. start + num_images - 1`` as shard records (JPEG + cls + json);
+    image i depends only on (seed, i)."""
+    for i in range(start, start + num_images):
         rng = np.random.default_rng([seed, i])
         label = i % len(DEMO_KINDS)
         kind = DEMO_KINDS[label]
@@ -104,16 +105,25 @@ def demo_records(num_images: int, size: int, seed: int = 0, quality: int = 90) -
 
 
 def make_demo_data(output: str | os.PathLike, num_images: int = 512, size: int = 96, seed: int = 0,
-                   maxcount: int = 128) -> ShardSummary:
+                   maxcount: int = 128, heldout: int = 128) -> ShardSummary:
     """Write the demo set as ``OUTPUT/shards/shard-*.tar`` + ``OUTPUT/shards/sizes.json``
-    (replacing an earlier demo set there)."""
+    and, with ``heldout`` > 0, ``heldout`` further images of the same kinds (indices after the
+    training images: never seen in training) as ``OUTPUT/heldout/`` for the kNN evaluation
+    (replacing an earlier demo set there). Returns the summary of the training shards."""
     if num_images < 1 or size < 8:
         raise ValueError("need at least one image of at least 8x8 pixels")
+    if heldout < 0:
+        raise ValueError(f"heldout must be >= 0, got {heldout}")
     out = os.path.join(os.fspath(output), "shards")
     summary = write_records(demo_records(num_images, size, seed), out, maxcount=maxcount, overwrite=True,
                             classes=list(DEMO_KINDS))
     logger.info("demo data: %d images of %dx%d in %d shards at %s", summary.total, size, size,
                 len(summary.shards), out)
+    if heldout:
+        held_dir = os.path.join(os.fspath(output), "heldout")
+        held = write_records(demo_records(heldout, size, seed, start=num_images), held_dir, maxcount=maxcount,
+                             overwrite=True, classes=list(DEMO_KINDS))
+        logger.info("held-out demo data: %d images in %d shards at %s", held.total, len(held.shards), held_dir)
     return summary
 
 
