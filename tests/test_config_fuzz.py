@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from maescale.config import Config, ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ["model", "data", "optim", "train", "checkpoint", "deepspeed", "slurm"]
+SECTIONS = ["model", "data", "optim", "train", "checkpoint", "lock", "deepspeed", "slurm", "eval"]
 KEYS = {s: list(getattr(Config(), s).__dataclass_fields__) for s in SECTIONS}
 ALL_DOTTED = [f"{s}.{k}" for s in SECTIONS for k in KEYS[s]] + ["output_dir", "resume"]
 
