@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,12 @@ def fake_slurm(tmp_path, monkeypatch) -> Fake:
 def no_slurm(tmp_path, monkeypatch) -> Fake:
     """A machine without SLURM: no srun/sbatch on PATH (a login node this is not)."""
     rec = tmp_path / "fake_slurm_calls"
-    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"]))
+    bare = tmp_path / "bin"  # only what the tests need, even on a machine where SLURM is installed (CI)
+    bare.mkdir()
+    for tool in ("sh", "bash", "env", "cat", "true"):
+        if shutil.which(tool):
+            (bare / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), str(bare)]))
     monkeypatch.setenv("FAKE_SLURM_DIR", str(rec))
     return Fake(rec)
 

@@ -723,7 +723,11 @@ def normalize_batch(batch_uint8: torch.Tensor | EncodedBatch, mean: Sequence[flo
     Computed in float32, then cast.
     """
     x = to_device_images(batch_uint8).to(torch.float32)
-    m, s = _mean_std(tuple(mean), tuple(std), x.device)
+    if isinstance(mean, torch.Tensor) or isinstance(std, torch.Tensor):  # the caller keeps them on the device
+        m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1) * 255.0
+        s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1) * 255.0
+    else:
+        m, s = _mean_std(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
     out = (x - m) / s
     return out if dtype == torch.float32 else out.to(dtype)
 
