@@ -42,7 +42,8 @@ step() {  # step NAME SECONDS_NEEDED CMD... : run CMD unless the budget cannot f
     return 0
   fi
   echo "== $name ($(elapsed)s)"
-  "$@" > "$OUT/logs/$name.log" 2>&1
+  # A hung step (a deadlock, a stuck kernel) must not eat the whole run: 3x its expected time.
+  timeout -k 5 $(( 3 * need )) "$@" > "$OUT/logs/$name.log" 2>&1
   local rc=$?
   tail -n 30 "$OUT/logs/$name.log"
   echo "== $name: exit $rc after $(elapsed)s"
@@ -70,7 +71,7 @@ if [ -f tools/bench_decode.py ]; then
   # shellcheck disable=SC2086  # DECODE_ARGS is a list of flags
   step decode 45 "$PY" tools/bench_decode.py --device "${DEVICE:-cuda}" ${DECODE_ARGS:-} --json "$OUT/decode.json"
 fi
-[ "${COMPILE:-1}" = 1 ] && step bare-compile 60 timeout 75 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sdpa --compile blocks \
+[ "${COMPILE:-1}" = 1 ] && step bare-compile 60 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sdpa --compile blocks \
   --json "$OUT/bare.json" --append --note "bare bf16 step, regional compile"
 rm -rf "$OUT/shards"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
