@@ -71,7 +71,7 @@ if [ -f tools/bench_decode.py ]; then
   # shellcheck disable=SC2086  # DECODE_ARGS is a list of flags
   step decode 45 "$PY" tools/bench_decode.py --device "${DEVICE:-cuda}" ${DECODE_ARGS:-} --json "$OUT/decode.json"
 fi
-[ "${COMPILE:-1}" = 1 ] && step bare-compile 60 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sdpa --compile blocks \
+[ "${COMPILE:-1}" = 1 ] && step bare-compile 40 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sdpa --compile blocks \
   --json "$OUT/bare.json" --append --note "bare bf16 step, regional compile"
 rm -rf "$OUT/shards"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
