@@ -16,6 +16,8 @@
 #      (tools/bench_decode.py);
 #   5. the report: one table + $OUT/gpu_check.json; exits 1 if the loop runs below 0.9x the bare
 #      step at either micro-batch (tools/gpu_check.py report).
+# STEPS="env bare-bf16 ..." runs only the named steps (bare-graphs and loop-compile, CUDA graphs and
+# compiled blocks in the bare step and the loop, run only when named there).
 # Steps past the time budget (BUDGET_S, 270 s by default) are skipped and say so. Each step's log
 # is in $OUT/logs.tar.gz. PRESET, CONFIG, IMG, MB, MB_DATA, WORKERS, NUM_IMAGES, DEVICE, DECODE_ARGS,
 # COMPILE=0 shrink it
@@ -35,8 +37,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
-step() {  # step NAME SECONDS_NEEDED CMD... : run CMD unless the budget cannot fit it
+step() {  # step NAME SECONDS_NEEDED CMD... : run CMD unless the budget cannot fit it (or STEPS leaves it out)
   local name=$1 need=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+    return 0
+  fi
+  if [ -z "${STEPS:-}" ] && [[ " bare-graphs loop-compile " == *" $name "* ]]; then
+    return 0  # optional: only when STEPS names it
+  fi
   if (( $(elapsed) + need > BUDGET_S )); then
     echo "== $name: SKIPPED (needs ~${need}s, $(elapsed)s of ${BUDGET_S}s used)" | tee -a "$OUT/logs/skipped.txt"
     return 0
@@ -73,6 +81,11 @@ if [ -f tools/bench_decode.py ]; then
 fi
 [ "${COMPILE:-1}" = 1 ] && step bare-compile 40 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sdpa --compile blocks \
   --json "$OUT/bare.json" --append --note "bare bf16 step, regional compile"
+# Launch-bound micro-batches: the blocks as CUDA graphs, bare and in the loop (not in the default run).
+step bare-graphs 50 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sdpa --compile graphs \
+  --json "$OUT/bare.json" --append --note "bare bf16 step, regional compile with CUDA graphs"
+step loop-compile 100 "$PY" tools/bench_loop.py "$CONFIG" --micro-batch "$MB" --data synthetic "${L[@]}" --no-base \
+  --variant "model.compile=graphs" --variant "model.compile=blocks" --json "$OUT/loop_compile.json"
 rm -rf "$OUT/shards"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "== report ($(elapsed)s)"

@@ -60,8 +60,9 @@ class ModelConfig:
     # flash_attn: the `flash_attn` package; math: explicit softmax(QK^T)V reference.
     attn_impl: Literal["sdpa", "math", "flash", "cudnn", "flash_attn"] = "sdpa"
     act_ckpt_every: int = 0  # checkpoint every k-th block (1 = all blocks); 0 = off
-    # torch.compile: false; true or "blocks" (each transformer block); "full" (the whole forward + loss)
-    compile: Union[bool, Literal["blocks", "full"]] = False
+    # torch.compile: false; true or "blocks" (each transformer block); "full" (the whole forward + loss);
+    # "graphs" (each block, replayed as CUDA graphs)
+    compile: Union[bool, Literal["blocks", "full", "graphs"]] = False
     init_from: str | None = None  # a public MAE ``{"model": ...}`` checkpoint to start from
 
 

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="synthetic", help=f"comma list of {', '.join(DATA_SOURCES)}")
     p.add_argument("--variant", action="append", default=[],
                    help="extra overrides (space separated) run as one more variant per micro-batch and data source")
+    p.add_argument("--no-base", action="store_true", help="run only the --variant variants, not the config as it is")
     p.add_argument("--shards", default=None, help="JPEG shards for data=shards/gpu_decode")
     p.add_argument("--make-shards", default=None, metavar="DIR",
                    help="generate --num-images photo-like 500x375 JPEGs as shards in DIR and use them")
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     shards = args.shards
     if args.make_shards:
         shards = make_jpeg_shards(args.make_shards, args.num_images)
-    extra = [[]] + [v.split() for v in args.variant]
+    extra = ([] if args.no_base else [[]]) + [v.split() for v in args.variant]
     results = []
     for mb in (int(x) for x in args.micro_batch.split(",") if x):
         for data in (x for x in args.data.split(",") if x):

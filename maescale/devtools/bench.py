@@ -18,9 +18,9 @@ fp32 weights and runs the forward under bf16 autocast (plain PyTorch, what most 
 ``fp32`` is plain fp32 (the CPU default: CPU bf16 speed says little about GPUs). No ZeRO and no
 communication here: one device, the single-GPU ceiling the real loop is measured against.
 
-Compile modes: ``blocks`` (each transformer block), ``full`` (the whole forward with the loss),
-``graphs`` (``full`` with CUDA graphs, ``mode="reduce-overhead"``: a step's kernels replay as
-few graph launches).
+Compile modes (:meth:`maescale.models.mae.MaskedAutoencoderViT.compile_model`): ``blocks`` (each
+transformer block), ``full`` (the whole forward with the loss), ``graphs`` (each block with CUDA
+graphs, ``mode="reduce-overhead"``: a block's kernels replay as one graph launch).
 
 :func:`host_overhead` compares, on any machine, the host-side cost of the bare step with the
 DeepSpeed engine's step as the training loop runs it (default configuration and lean step).
@@ -310,9 +310,7 @@ class _Runner:
                              act_ckpt_every=self.v.act_ckpt_every, device=self.device)
         model.train()
         self.step = _Step(model, precision, self.device)
-        if self.v.compile == "graphs":
-            model.compile(mode="reduce-overhead")
-        elif self.v.compiled:
+        if self.v.compiled:
             model.compile_model(self.v.compile)
         self.imgs = torch.randn(self.micro_batch, model.in_chans, img_size, img_size, device=self.device,
                                 dtype=self.step.input_dtype)

@@ -2,8 +2,8 @@
 
 Inputs (in one folder): ``env.json`` (device, versions, the measured bf16 matmul ceiling),
 ``bare.json`` (``tools/bench_model.py``: the plain-PyTorch autocast step and the bare bf16 step),
-``loop.json`` and ``loop_data.json`` (``tools/bench_loop.py``: the real loop on synthetic data and
-on JPEG shards with CPU and GPU decode) and ``decode.json`` (``tools/bench_decode.py``), each
+``loop.json``, ``loop_data.json`` and ``loop_compile.json`` (``tools/bench_loop.py``: the real loop
+on synthetic data, on JPEG shards with CPU and GPU decode, and with compiled blocks / CUDA graphs) and ``decode.json`` (``tools/bench_decode.py``), each
 optional. Output: rows per micro-batch with images/s, MFU against the datasheet peak and the
 measured matmul ceiling, kernel launches and aten ops per step, peak memory, and the ratios the
 issues set targets for: loop/bare (>= 0.95; the check fails below 0.9), loop with CPU or GPU
@@ -33,6 +33,7 @@ def _bare_rows(doc: Any) -> list[dict[str, Any]]:
                 prof = r.get("extra", {}).get("profile") or {}
                 rows.append({"kind": "autocast" if r["precision"] == "autocast" else "bare",
                              "variant": f"{r['precision']} {r['variant']}", "micro_batch": r["micro_batch"],
+                             "attn": r["attn_impl"], "compile": _compile_name(r.get("compile")),
                              "images_per_s": r["images_per_s"], "mfu": r["mfu"], "tflops": r["model_tflops"],
                              "peak_mem_gib": r["peak_mem_gib"], "kernel_launches": prof.get("kernel_launches"),
                              "aten_ops": prof.get("aten_ops"), "idle": prof.get("device_idle_fraction")})
@@ -50,7 +51,9 @@ def _loop_rows(doc: Any) -> list[dict[str, Any]]:
             rows.append({"kind": "failed", "variant": label, "micro_batch": r["micro_batch"], "reason": r.get("reason")})
             continue
         prof = r.get("profile") or {}
-        rows.append({"kind": f"loop-{r['data']}" + ("+" if r["overrides"] else ""), "variant": label,
+        opts = dict(o.split("=", 1) for o in r["overrides"] if "=" in o)
+        rows.append({"kind": f"loop-{r['data']}", "variant": label, "attn": opts.get("model.attn_impl", "sdpa"),
+                     "compile": _compile_name(opts.get("model.compile")),
                      "micro_batch": r["micro_batch"], "images_per_s": r["images_per_s"], "mfu": r["mfu"],
                      "tflops": r["tflops"], "peak_mem_gib": r["peak_mem_gib"],
                      "data_wait": r["data_wait_fraction"], "kernel_launches": prof.get("kernel_launches"),
@@ -58,12 +61,19 @@ def _loop_rows(doc: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _compile_name(value: Any) -> str:
+    """One name for a compile mode however it was written (bench: off/blocks/..., config: true/false/...)."""
+    text = str(value).lower() if value is not None else "off"
+    return {"true": "blocks", "on": "blocks", "false": "off", "none": "off"}.get(text, text)
+
+
 def build_report(folder: str | Path) -> dict[str, Any]:
     """Rows and ratios from the JSON files in ``folder`` (see the module docstring)."""
     folder = Path(folder)
     env = _load(folder, "env.json") or {}
     rows = _bare_rows(_load(folder, "bare.json"))
-    rows += _loop_rows(_load(folder, "loop.json")) + _loop_rows(_load(folder, "loop_data.json"))
+    for name in ("loop.json", "loop_data.json", "loop_compile.json"):
+        rows += _loop_rows(_load(folder, name))
     ceiling = env.get("matmul_tflops")
     for r in rows:
         if r.get("tflops") is not None and ceiling:
@@ -71,24 +81,35 @@ def build_report(folder: str | Path) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
     failures: list[str] = []
     for mb in sorted({r["micro_batch"] for r in rows}):
-        def best(kind: str) -> dict[str, Any] | None:
-            cands = [r for r in rows if r["micro_batch"] == mb and r["kind"] == kind]
+        at = [r for r in rows if r["micro_batch"] == mb and r["kind"] != "failed"]
+
+        def best(kind: str, **match: Any) -> dict[str, Any] | None:
+            cands = [r for r in at if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
             return max(cands, key=lambda r: r["images_per_s"], default=None)
 
-        bare, loop, auto = best("bare"), best("loop-synthetic"), best("autocast")
-        cpu, gpu = best("loop-shards"), best("loop-gpu_decode")
         got: dict[str, Any] = {}
-        if bare and loop:
-            got["loop_vs_bare"] = loop["images_per_s"] / bare["images_per_s"]
-            got["bare_variant"] = bare["variant"]
-            if got["loop_vs_bare"] < FAIL_BELOW:
-                failures.append(f"micro-batch {mb}: the loop runs at {got['loop_vs_bare']:.2f}x the bare step "
-                                f"(< {FAIL_BELOW})")
+        # The loop against the bare step of the same model variant (attention kernel, compile mode):
+        # what the engine, the data feed and the loop's bookkeeping cost.
+        for loop in sorted((r for r in at if r["kind"] == "loop-synthetic"), key=lambda r: r["compile"]):
+            bare = best("bare", attn=loop["attn"], compile=loop["compile"])
+            if bare is None:
+                continue
+            name = "loop_vs_bare" + ("" if loop["compile"] == "off" else f"[{loop['compile']}]")
+            got[name] = loop["images_per_s"] / bare["images_per_s"]
+            if got[name] < FAIL_BELOW:
+                failures.append(f"micro-batch {mb}: the loop ({loop['variant']}) runs at {got[name]:.2f}x the bare "
+                                f"step of the same variant ({bare['variant']}; < {FAIL_BELOW})")
+        loop, auto = best("loop-synthetic"), best("autocast")
+        bare_best = best("bare")
+        if loop and bare_best:
+            got["best_loop_vs_best_bare"] = loop["images_per_s"] / bare_best["images_per_s"]
         if loop and auto:
-            got["loop_vs_autocast"] = loop["images_per_s"] / auto["images_per_s"]
+            got["best_loop_vs_autocast"] = loop["images_per_s"] / auto["images_per_s"]
+        plain = best("loop-synthetic", compile="off")
+        cpu, gpu = best("loop-shards"), best("loop-gpu_decode")
         for name, r in (("cpu_decode", cpu), ("gpu_decode", gpu)):
-            if r and loop:
-                got[f"{name}_vs_synthetic"] = r["images_per_s"] / loop["images_per_s"]
+            if r and plain:
+                got[f"{name}_vs_synthetic"] = r["images_per_s"] / plain["images_per_s"]
         if cpu and gpu:
             got["gpu_decode_vs_cpu_decode"] = gpu["images_per_s"] / cpu["images_per_s"]
         if got:

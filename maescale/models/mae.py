@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 ATTN_IMPLS = ("sdpa", "math", "flash", "cudnn", "flash_attn")
-COMPILE_MODES = ("blocks", "full")
+COMPILE_MODES = ("blocks", "full", "graphs")
 # Parameter/buffer prefixes that belong to the decoder side (not exported with the encoder).
 DECODER_KEYS = ("decoder_", "mask_token")
 
@@ -372,11 +372,15 @@ class MaskedAutoencoderViT(nn.Module):
 
     def compile_model(self, mode: str = "blocks", **kwargs) -> None:
         """``torch.compile`` the transformer blocks (``blocks``: fast to compile, one graph reused by
-        every block) or the whole forward with the loss (``full``: patchify, masking gathers, norms,
-        residuals and the loss fused across block boundaries; fewer kernel launches per step).
+        every block), the whole forward with the loss (``full``: patchify, masking gathers, norms,
+        residuals and the loss fused across block boundaries), or the blocks with CUDA graphs
+        (``graphs``: ``mode="reduce-overhead"``, each block's kernels replayed as one graph launch,
+        for micro-batches small enough that launching kernels costs more than running them).
         Parameter names are unchanged either way."""
         if mode == "blocks":
             self.compile_blocks(**kwargs)
+        elif mode == "graphs":
+            self.compile_blocks(mode="reduce-overhead", **kwargs)
         elif mode == "full":
             self.compile(**kwargs)  # nn.Module.compile: compiles __call__, keeps the module (and its names)
         else:
