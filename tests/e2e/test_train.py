@@ -151,7 +151,7 @@ def test_recipe_config_takes_a_max_steps_override(shards, tmp_path):
     out = tmp_path / "run"
     overrides = ["train.max_steps=3", f"output_dir={out}", "model.name=mae_vit_tiny_patch4", "model.img_size=32",
                  f"data.train_shards={shards}", "data.num_samples=96", "data.num_workers=0", "train.device=cpu",
-                 "train.precision=fp32", "train.micro_batch_size=4", "optim.warmup_epochs=0"]
+                 "train.precision=fp32", "train.micro_batch_size=4", "optim.warmup_epochs=0", "model.compile=false"]
     proc = subprocess.run([sys.executable, str(REPO / "tools/train.py"), str(REPO / "configs/vit_huge.yaml"),
                            *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
