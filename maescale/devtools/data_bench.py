@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -188,23 +188,15 @@ def run_benchmark(*, num_images: int = 1024, num_large: int | None = None, worke
         for name, width, height in IMAGE_SETS:
             count, folder, shards, total = _image_set(base, name, width, height,
                                                       num_images if width < 1000 else num_large, batch_size)
-            best: dict[str, float] = {}
-            runs_log: dict[str, list[float]] = {}
-            for r in range(repeats):
-                runs = {
-                    "imagefolder": lambda: bench_imagefolder(folder, count, img_size=img_size, batch_size=batch_size,
-                                                             workers=workers),
-                    "maescale": lambda: bench_maescale(shards, count, img_size=img_size, batch_size=batch_size,
-                                                       workers=workers),
-                    "maescale_plain": lambda: bench_maescale(shards, count, img_size=img_size, batch_size=batch_size,
-                                                             workers=workers, fast=False),
-                    "raw_tar_read": lambda: bench_raw(shards)[0],
-                }
-                for key, fn in runs.items():
-                    value = fn()
-                    logger.info("%s %s (run %d): %.1f images/s", name, key, r + 1, value)
-                    best[key] = max(best.get(key, 0.0), value)
-                    runs_log.setdefault(key, []).append(round(value, 1))
+            best, runs_log = _best_of(name, {
+                "imagefolder": lambda: bench_imagefolder(folder, count, img_size=img_size, batch_size=batch_size,
+                                                         workers=workers),
+                "maescale": lambda: bench_maescale(shards, count, img_size=img_size, batch_size=batch_size,
+                                                   workers=workers),
+                "maescale_plain": lambda: bench_maescale(shards, count, img_size=img_size, batch_size=batch_size,
+                                                         workers=workers, fast=False),
+                "raw_tar_read": lambda: bench_raw(shards)[0],
+            }, repeats, max, "images/s", 1)
             # contention-free cost: in this process, CPU time, torch on one thread
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -347,23 +339,15 @@ def run_gpu_decode_benchmark(*, num_images: int = 512, num_large: int | None = N
         for name, width, height in IMAGE_SETS:
             count, folder, shards, total = _image_set(base, name, width, height,
                                                       num_images if width < 1000 else num_large, batch_size)
-            best: dict[str, float] = {}
-            runs_log: dict[str, list[float]] = {}
-            for r in range(repeats):
-                runs = {
-                    "full_decode_fast": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
-                                                                        batch_size=batch_size, gpu_decode=False),
-                    "full_decode_plain": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
-                                                                         batch_size=batch_size, gpu_decode=False,
-                                                                         fast=False),
-                    "gpu_decode": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
-                                                                  batch_size=batch_size, gpu_decode=True),
-                }
-                for key, fn in runs.items():
-                    worker_ms, _ = fn()
-                    logger.info("%s %s (run %d): worker %.3f ms/image", name, key, r + 1, worker_ms)
-                    best[key] = min(best.get(key, float("inf")), worker_ms)
-                    runs_log.setdefault(key, []).append(round(worker_ms, 4))
+            best, runs_log = _best_of(name, {
+                "full_decode_fast": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
+                                                                    batch_size=batch_size, gpu_decode=False)[0],
+                "full_decode_plain": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
+                                                                     batch_size=batch_size, gpu_decode=False,
+                                                                     fast=False)[0],
+                "gpu_decode": lambda: bench_gpu_decode_worker(shards, count, img_size=img_size,
+                                                              batch_size=batch_size, gpu_decode=True)[0],
+            }, repeats, min, "ms/image in the worker", 4)
             process = {}
             for key, gpu, fast in (("full_decode_fast", False, True), ("gpu_decode", True, True)):
                 process[key] = min(bench_worker_process_cpu(shards, count, img_size=img_size, batch_size=batch_size,
@@ -384,6 +368,21 @@ def run_gpu_decode_benchmark(*, num_images: int = 512, num_large: int | None = N
         if not keep and workdir is None:
             shutil.rmtree(base, ignore_errors=True)
     return results
+
+
+def _best_of(label: str, runs: dict[str, Callable[[], float]], repeats: int, pick: Callable[[float, float], float],
+             unit: str, digits: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Every runner ``repeats`` times in turn (so load from other work falls on all alike): the best
+    value of each (``pick``: max for a rate, min for a cost) and all of them, logged."""
+    best: dict[str, float] = {}
+    runs_log: dict[str, list[float]] = {}
+    for r in range(repeats):
+        for key, fn in runs.items():
+            value = fn()
+            logger.info("%s %s (run %d): %.*f %s", label, key, r + 1, digits, value, unit)
+            best[key] = pick(best[key], value) if key in best else value
+            runs_log.setdefault(key, []).append(round(value, digits))
+    return best, runs_log
 
 
 def _ms(value: float | None) -> str:
