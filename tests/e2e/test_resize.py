@@ -36,6 +36,10 @@ def test_two_to_one_process_keeps_weights_optimizer_and_batch(shards, tmp_path):
     run_train(TINY, base_overrides(shards, out, 8, **extra), nproc=1)
     log = (out / "logs" / "train.log").read_text()
     assert "train.grad_accum_steps 1 -> 2 keeps the effective batch at 16" in log
+    # config.yaml records the config that ran: written after the resume plan re-derived it
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["grad_accum_steps"] == 2
     after = out / "checkpoints" / "step_00000008"
     assert len(list(after.glob("*optim_states.pt"))) == 1  # rewritten for one process
     assert_same_weights(consolidated_state_dict(before), consolidated_state_dict(after))
