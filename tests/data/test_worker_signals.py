@@ -44,5 +44,5 @@ def test_workers_ignore_slurms_stop_signals_but_obey_their_owner(shard_dir):
     os.kill(workers[0].pid, signal.SIGTERM)
     assert workers[0].wait(timeout=30) in (0, None)  # psutil: exit status of a child, or None once reaped
     loader.close()
-    gone, alive = psutil.wait_procs(workers, timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
