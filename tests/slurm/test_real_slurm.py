@@ -3,7 +3,7 @@
 users do it: one node, ``--gpus-per-node 2`` (two fake GPUs declared through gres, so the real
 job script runs unchanged), 2 CPU tasks training with gloo, a DataLoader worker each.
 
-(a) A job with a 2-minute ``--time`` gets SLURM's time-limit signal (``--signal=USR2@45``),
+(a) A job with a 2-minute ``--time`` gets SLURM's time-limit signal (``--signal=USR2@50``),
     writes a checkpoint at the next step, requeues itself through submitit, resumes and finishes
     with weights bitwise equal to an uninterrupted run.
 (b) ``scancel`` stops the job for good (it is never requeued), with a checkpoint to resume from.
@@ -43,13 +43,15 @@ from tests.helpers import REPO, TINY, assert_same_weights, clean_env, final_weig
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-STEPS = 70
+STEPS = 80
 SLOW_STEPS = {"MAESCALE_FAULTS": "train.after_step=sleep:1.0"}
-# (a): slurmctld looks at time limits every 30 s and sends the --signal when the job is within
-# signal_delay_s + 30 s of its limit, so the signal comes 45-75 s after the start here: after the
-# start-up of a loaded 2-core machine (15-25 s), before the 70 slow steps are done (~90 s).
+# (a): slurmctld looks at time limits every 30 s and sends the --signal once the job is within
+# signal_delay_s + 30 s of its limit, so the signal comes 40-70 s after the start here (the phase of
+# that check is arbitrary: with a 45 s delay it came 45 s and 71 s after the start): after the
+# start-up (5 s on an idle 2-core machine, 25 s on a loaded one), before the 80 slow steps are done
+# (>= 87 s after the start).
 TIME_LIMIT_MIN = 2
-SIGNAL_DELAY_S = 45
+SIGNAL_DELAY_S = 50
 MAX_REQUEUES = 3
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED")
@@ -233,7 +235,7 @@ def test_a_time_limit_signal_checkpoints_requeues_and_finishes_exactly(slurm_clu
     err0 = (RunDir(out).slurm / f"{job}_0_log.err").read_text(errors="replace")
     assert "Caught signal SIGUSR2" in err0 and "this job is timed-out" in err0  # submitit's own verdict
 
-    # The second run gets a 10-minute limit: with 2 minutes the signal would come again 45-75 s
+    # The second run gets a 10-minute limit: with 2 minutes the signal would come again 40-70 s
     # into it, before a loaded machine has done the remaining steps, and the job would requeue
     # itself once more (correctly, but at the cost of another start-up in CI).
     release_begin_time_hold(job, "TimeLimit=10")
