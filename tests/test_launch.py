@@ -60,16 +60,27 @@ def fake_slurm(tmp_path, monkeypatch) -> Fake:
     return Fake(rec)
 
 
+# SLURM's user commands (slurm-client): hidden by ``no_slurm`` even where they are installed.
+SLURM_COMMANDS = frozenset({"srun", "sbatch", "salloc", "squeue", "scancel", "scontrol", "sacct", "sacctmgr", "sinfo",
+                            "sattach", "sbcast", "scrontab", "sdiag", "sprio", "sreport", "sshare", "sstat",
+                            "strigger", "sview", "sh5util"})
+
+
 @pytest.fixture
 def no_slurm(tmp_path, monkeypatch) -> Fake:
-    """A machine without SLURM: no srun/sbatch on PATH (a login node this is not)."""
+    """A machine without SLURM: no srun/sbatch on PATH (a login node this is not).
+
+    The system's commands stay reachable through links in a folder of our own, minus SLURM's:
+    the machine may have SLURM installed (the real-controller tests install it, tests/slurm/)."""
     rec = tmp_path / "fake_slurm_calls"
-    bare = tmp_path / "bin"  # only what the tests need, even on a machine where SLURM is installed (CI)
-    bare.mkdir()
-    for tool in ("sh", "bash", "env", "cat", "true"):
-        if shutil.which(tool):
-            (bare / tool).symlink_to(shutil.which(tool))
-    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), str(bare)]))
+    system = tmp_path / "system_bin"
+    system.mkdir()
+    for folder in (Path("/usr/bin"), Path("/bin")):
+        for exe in folder.iterdir() if folder.is_dir() else ():
+            link = system / exe.name
+            if exe.name not in SLURM_COMMANDS and not link.exists() and not link.is_symlink():
+                link.symlink_to(exe)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), str(system)]))
     monkeypatch.setenv("FAKE_SLURM_DIR", str(rec))
     return Fake(rec)
 

@@ -76,10 +76,14 @@ than ``data.max_bad_fraction`` bad samples raises :class:`DataError`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -442,8 +446,34 @@ class _StreamDataset(IterableDataset):
             epoch += 1
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, owner: int | None = None) -> None:
+    """Start-up of a DataLoader worker: one torch thread, and signals meant for the training process
+    do not end it.
+
+    Under ``srun``, slurmstepd signals every process of the step, DataLoader workers included: the
+    time-limit signal (SIGUSR1/SIGUSR2) and, on ``scancel``, ``scontrol requeue`` or preemption,
+    SIGTERM. torch's worker handler dies on a SIGTERM that does not come from its parent, and the
+    training process then raises ``DataLoader worker ... is killed by signal: Terminated`` from its
+    SIGCHLD handler, in the middle of a step: no checkpoint, a failed job. So the worker ignores the
+    stop signals (the training process stops at a step boundary and shuts its workers down), and
+    still exits at once on a SIGTERM from ``owner``, the process that started it (the DataLoader's
+    fallback for a worker that does not stop, and multiprocessing's clean-up at exit).
+    """
     torch.set_num_threads(1)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    if owner is None:
+        return
+    # A Python handler cannot tell who sent a signal: block SIGTERM and take it with sigwaitinfo,
+    # which says (si_pid), in a thread of its own (created after the block, so it inherits it).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def owner_only() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner:
+                os._exit(0)  # as torch's own handler does for its parent
+
+    threading.Thread(target=owner_only, name="maescale-worker-sigterm", daemon=True).start()
 
 
 class TrainLoader:
@@ -610,7 +640,7 @@ class TrainLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = dict(prefetch_factor=self.prefetch_factor, persistent_workers=True,
-                          worker_init_fn=_worker_init)
+                          worker_init_fn=functools.partial(_worker_init, owner=os.getpid()))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, **kwargs)
         bpe, w = plan.batches_per_epoch, plan.num_workers
