@@ -260,7 +260,9 @@ def train(cfg: Config, ctx: DistContext, run: RunDir, lock: RunLock,
         if stop:
             status = "preempted"
             if last_checkpoint is not None and last_checkpoint.name == tag_for_step(step):
-                log.warning("stop signal received: checkpoint at step %d written, exiting for requeue", step)
+                log.warning("stop signal received: checkpoint at step %d written, stopping (%s; a requeue or the "
+                            "same command again resumes from it)", step,
+                            ", ".join(signal.Signals(s).name for s in signals.history) or "another rank's signal")
             else:
                 log.error("stop signal received but the checkpoint at step %d failed; a resume starts from %s",
                           step, last_checkpoint)
