@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import re
 import shlex
@@ -32,8 +31,6 @@ from maescale.config import Config, ConfigError, apply_overrides, config_from_di
 from maescale.exitcodes import BAD_INPUT, CRASHED, OK, PREEMPTED
 from maescale.launch.job import TrainJob
 from maescale.rundir import RunDir, describe_owner, lock_status
-
-log = logging.getLogger("maescale.launch")
 
 # Command-line flag -> key of the config's slurm section.
 FLAG_KEYS = {

@@ -18,15 +18,11 @@ Tolerances (0-255 grey levels; calibrated on photo-like JPEGs, see the module do
 
 from __future__ import annotations
 
-import io
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 
 from maescale.data import EncodedBatch, build_train_loader, decode_on_device, normalize_batch, to_device_images
 from maescale.data.gpu_decode import crop_resize, crop_resize_batch
@@ -34,7 +30,7 @@ from maescale.devtools.decode_bench import (agreement, box_chroma_decode, count_
                                             encoded_batch_of, reencode_444)
 from maescale.data.decode import Decoder
 from maescale.data.demo import photo_like_jpeg
-from tests.data.conftest import SIZES, data_cfg, id_png, jpeg_of, write_jpeg_shards
+from tests.data.conftest import data_cfg, id_png, jpeg_of, write_jpeg_shards
 from tests.helpers import TINY, base_overrides, run_train
 
 def take(loader, n, decode=True):
