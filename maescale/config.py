@@ -64,6 +64,9 @@ class ModelConfig:
     # "graphs" (each block, replayed as CUDA graphs)
     compile: Union[bool, Literal["blocks", "full", "graphs"]] = False
     init_from: str | None = None  # a public MAE ``{"model": ...}`` checkpoint to start from
+    # Train the decoder alone for the first N steps (the encoder's groups get lr 0, so its weights stay
+    # bitwise unchanged): for a fresh decoder on a loaded encoder (model.init_from). 0 = off.
+    decoder_warmup_steps: int = 0
 
 
 @dataclass
@@ -106,6 +109,10 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (MAE recipe)
+    # Decay cls_token and mask_token, as the MAE release's pre-training does (timm's add_weight_decay:
+    # only 1-D tensors and biases are exempt). false: exempt them too (the fine-tuning recipe's rule,
+    # and maescale's before 2026-12-07; a resumed run keeps the rule its checkpoint was written with).
+    weight_decay_tokens: bool = True
 
 
 @dataclass
@@ -124,8 +131,21 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite steps
     peak_tflops: float | None = None  # per-device peak for MFU; None = table by GPU name
     progress_bar: Literal["auto", "on", "off"] = "auto"
-    profile_at: int | None = None  # profile the steps after this many (host/device cost, logged); None = off
+    profile_at: int | None = None  # profile the steps after this many (host/device cost, collectives); None = off
     profile_steps: int = 3
+    # A rank without progress for this long dumps its stacks and exits for a restart (maescale.watchdog).
+    # null: max(300 s, 20 x the median step time); slow phases (first steps, saves, eval) get longer budgets.
+    stall_timeout_s: float | None = None
+    # Roll back to the last good checkpoint and skip the data since it, instead of stopping, when
+    # max_nonfinite_steps is reached or the loss spikes (maescale.control); at most max_rollbacks times.
+    rollback: bool = True
+    max_rollbacks: int = 3
+    spike_factor: float = 3.0  # a log-step loss above this x the running median ...
+    spike_window: int = 50  # ... of the last N log-step losses (armed once N exist) ...
+    spike_patience: int = 3  # ... for this many log steps in a row is a spike
+    # [[after_step, micro_batches], ...]: after optimizer step `after_step`, read and drop that many
+    # micro-batches (per rank) without training on them: skip a bad stretch of data by hand.
+    skip_batches: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +180,9 @@ class DeepSpeedConfig:
     # false: DeepSpeed's own checks. See maescale/optim.py.
     lean_step: Union[bool, Literal["auto"]] = "auto"
     timeout_minutes: float = 30.0  # collective timeout; a dead rank fails the job within it
+    # Elements per gradient bucket (ZeRO-1: maescale's reduce-scatter buckets; ZeRO-2: DeepSpeed's
+    # reduce_bucket_size). auto: about 16 buckets of 1M-64M elements (maescale.optim.auto_bucket_elements).
+    bucket_elements: Union[int, Literal["auto"]] = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,9 +203,23 @@ class SlurmConfig:
     comment: str | None = None
     job_name: str = "maescale"
     signal_delay_s: int = 180
-    max_requeues: int = 50
+    max_requeues: int = 50  # requeues for preemption / time limit
+    # Restarts after a crashed, hung or lost rank (inside the allocation when it can, else a requeue);
+    # a failure that repeats at the same step stops the job instead.
+    max_failures: int = 3
+    exclude_failed_nodes: bool = True  # leave out a host a failure names (by requeueing without it)
     setup: list[str] = field(default_factory=list)  # shell lines run before srun
     additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistributedConfig:
+    """How the processes of a job find each other."""
+
+    # Network interface for NCCL's and gloo's sockets (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME), e.g.
+    # "ib0" or "^docker,lo"; null: the libraries' own choice (NCCL: the first non-loopback interface,
+    # gloo: the address the host name resolves to). Environment values set by the site win.
+    socket_ifname: str | None = None
 
 
 @dataclass
@@ -224,6 +261,7 @@ class Config:
     lock: LockConfig = field(default_factory=LockConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -559,11 +597,23 @@ def validate(cfg: Config) -> None:
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", t.peak_tflops, "null or a positive number")
     _check(t.profile_at is None or t.profile_at >= 0, "train.profile_at", t.profile_at, "null (off) or a step >= 0")
     _check(t.profile_steps >= 1, "train.profile_steps", t.profile_steps, "an integer >= 1")
+    _check(t.stall_timeout_s is None or t.stall_timeout_s > 0, "train.stall_timeout_s", t.stall_timeout_s,
+           "null (automatic) or seconds > 0")
+    _check(t.max_rollbacks >= 0, "train.max_rollbacks", t.max_rollbacks, "an integer >= 0")
+    _check(t.spike_factor > 1, "train.spike_factor", t.spike_factor, "a number > 1")
+    _check(t.spike_window >= 3, "train.spike_window", t.spike_window, "an integer >= 3 (log steps)")
+    _check(t.spike_patience >= 1, "train.spike_patience", t.spike_patience, "an integer >= 1 (log steps)")
+    for i, (after, count) in enumerate(t.skip_batches):
+        _check(after >= 0 and count >= 1, f"train.skip_batches[{i}]", [after, count],
+               "[after_step >= 0, micro_batches >= 1]")
+    _check(m.decoder_warmup_steps >= 0, "model.decoder_warmup_steps", m.decoder_warmup_steps, "an integer >= 0")
 
     _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "0 (off) or an integer >= 1")
     _check(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "0 (off) or a positive number")
     _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "an integer >= 1")
     _check(cfg.deepspeed.timeout_minutes > 0, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, "a positive number")
+    _check(cfg.deepspeed.bucket_elements == "auto" or cfg.deepspeed.bucket_elements >= 1024, "deepspeed.bucket_elements",
+           cfg.deepspeed.bucket_elements, "auto or an integer >= 1024 (elements per gradient bucket)")
     _validate_lean_step(cfg)
     lk = cfg.lock
     _check(lk.wait_s >= 0, "lock.wait_s", lk.wait_s, "seconds >= 0")
@@ -578,10 +628,24 @@ def validate(cfg: Config) -> None:
     _check(s.cpus_per_task >= 1, "slurm.cpus_per_task", s.cpus_per_task, "an integer >= 1")
     _check(s.signal_delay_s >= 0, "slurm.signal_delay_s", s.signal_delay_s, "an integer >= 0 (seconds)")
     _check(s.max_requeues >= 0, "slurm.max_requeues", s.max_requeues, "an integer >= 0")
+    _check(s.max_failures >= 0, "slurm.max_failures", s.max_failures, "an integer >= 0")
+    if cfg.distributed.socket_ifname is not None:
+        _check(bool(cfg.distributed.socket_ifname.strip()) and not any(c.isspace() for c in cfg.distributed.socket_ifname),
+               "distributed.socket_ifname", cfg.distributed.socket_ifname,
+               "null or interface names such as ib0, eth0,eth1 or ^docker,lo (no spaces)")
     try:
         parse_slurm_time(s.time)
     except ValueError as exc:
         raise ConfigError(str(exc), key="slurm.time") from None
+
+
+def lean_step_applies(cfg: Config) -> bool:
+    """Whether ``cfg`` runs the lean step (the one definition of the rule; maescale.optim and the
+    validation below use it): ``auto`` means ZeRO-1/2 without clipping."""
+    ds = cfg.deepspeed
+    if ds.lean_step == "auto":
+        return ds.zero_stage in (1, 2) and cfg.optim.grad_clip == 0
+    return bool(ds.lean_step)
 
 
 def _validate_lean_step(cfg: Config) -> None:
@@ -603,8 +667,7 @@ def _validate_lean_step(cfg: Config) -> None:
         _check(ds.zero_stage in (1, 2), key, False, f"true with deepspeed.zero_stage={ds.zero_stage} "
                "(DeepSpeed supports it with ZeRO stage 1 or 2 only)")
     bf16 = ds.extra.get("bf16") if isinstance(ds.extra, Mapping) else None
-    if isinstance(bf16, Mapping) and bf16.get("check_grad_overflow") is False and not (
-            ds.lean_step is True or (ds.lean_step == "auto" and ds.zero_stage in (1, 2) and clip == 0)):
+    if isinstance(bf16, Mapping) and bf16.get("check_grad_overflow") is False and not lean_step_applies(cfg):
         _check(False, "deepspeed.extra.bf16.check_grad_overflow", False,
                "true without the lean step (it would let non-finite steps through unchecked); deepspeed.lean_step "
                "turns it off safely for ZeRO-1/2 without clipping")
