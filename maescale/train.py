@@ -156,7 +156,7 @@ def train(cfg: Config, ctx: DistContext, run: RunDir, lock: RunLock,
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, device=device)
     if cfg.model.init_from and plan.path is None:
-        load_pretrained_into(model, cfg.model.init_from)
+        load_pretrained_into(model, cfg.model.init_from, resample_patch=cfg.model.init_resample_patch)
         log.info("initialised from public MAE checkpoint %s", cfg.model.init_from)
     if cfg.model.compile:
         model.compile_model("blocks" if cfg.model.compile is True else cfg.model.compile)

@@ -4,16 +4,47 @@ resampled to another image or patch size, and the timm model that holds it. A le
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from maescale.models import DECODER_KEYS, PRESETS, timm_encoder_kwargs
+from maescale.models.mae import sincos_2d
+
+# What a timm ViT holds after its encoder's final norm (pooling and classifier: ``fc_norm``,
+# ``attn_pool``, ``head``, distillation head, pre-logits; ``head_drop`` has no tensors): not part
+# of an MAE encoder, so ``model.init_from`` drops them.
+HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.", "attn_pool.", "pre_logits.")
+SINCOS_ATOL = 1e-2  # a position table this close to the 2-D sin-cos one is that table (bf16 files: ~4e-3)
 
 
 def encoder_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder's tensors (timm ``VisionTransformer`` names): no decoder, no mask token."""
     return {k: v for k, v in state.items() if not k.startswith(DECODER_KEYS)}
+
+
+def split_head(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(state without the timm pooling/classifier tensors, the names of those dropped)``."""
+    dropped = sorted(k for k in state if k.startswith(HEAD_PREFIXES))
+    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}, dropped
+
+
+def pos_grid(pos: torch.Tensor) -> int | None:
+    """The side of a (1, 1 + g*g, D) position table (one cls position, a square grid), else None."""
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] < 2:
+        return None
+    g = math.isqrt(pos.shape[1] - 1)
+    return g if g * g == pos.shape[1] - 1 else None
+
+
+def is_sincos(pos: torch.Tensor) -> bool:
+    """Whether a (1, 1 + g*g, D) table is MAE's fixed 2-D sin-cos table (cls position zero), as
+    the MAE release stores it, rather than a learned one (a timm supervised ViT)."""
+    g, dim = pos_grid(pos), pos.shape[-1]
+    if g is None or dim % 4:
+        return False
+    return bool((pos[0].float().cpu() - sincos_2d(dim, g)).abs().max() <= SINCOS_ATOL)
 
 
 def resample_pos_grid(pos: torch.Tensor, old_grid: int, new_grid: int) -> torch.Tensor:

@@ -59,8 +59,8 @@ def read_weights_file(path: Path, deepspeed_hint: str = DEEPSPEED_HINT) -> tuple
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            raise ExportError(f"{path} holds Python objects besides tensors, which are not loaded (weights_only=True); "
-                              f"{deepspeed_hint}") from None
+            raise ExportError(f"{path} is not a readable torch checkpoint: it holds Python objects besides tensors, "
+                              f"which are not loaded (weights_only=True); {deepspeed_hint}") from None
         except Exception as exc:  # noqa: BLE001 - truncated zip, not a torch file ...
             raise ExportError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
