@@ -63,7 +63,10 @@ class ModelConfig:
     # torch.compile: false; true or "blocks" (each transformer block); "full" (the whole forward + loss);
     # "graphs" (each block, replayed as CUDA graphs)
     compile: Union[bool, Literal["blocks", "full", "graphs"]] = False
-    init_from: str | None = None  # a public MAE ``{"model": ...}`` checkpoint to start from
+    # a weights file to start from: the MAE release's (encoder-only or full) or a timm ViT's state
+    # dict, .pth or .safetensors (README "Start from public weights")
+    init_from: str | None = None
+    init_resample_patch: bool = False  # resample init_from's patch embedding when its patch size differs
     # Train the decoder alone for the first N steps (the encoder's groups get lr 0, so its weights stay
     # bitwise unchanged): for a fresh decoder on a loaded encoder (model.init_from). 0 = off.
     decoder_warmup_steps: int = 0
@@ -556,6 +559,8 @@ def validate(cfg: Config) -> None:
         _check(int(num_patches * (1 - m.mask_ratio)) >= 1, "model.mask_ratio", m.mask_ratio,
                f"a ratio that keeps at least one of the {num_patches} patches visible")
     _check(m.act_ckpt_every >= 0, "model.act_ckpt_every", m.act_ckpt_every, "0 (off) or k >= 1 (every k-th block)")
+    _check(bool(m.init_from) or not m.init_resample_patch, "model.init_resample_patch", m.init_resample_patch,
+           "false unless model.init_from names a file to resample")
 
     _check(d.num_samples is None or d.num_samples > 0, "data.num_samples", d.num_samples, "null or a positive integer")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")

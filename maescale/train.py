@@ -32,7 +32,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from maescale import __version__
-from maescale.checkpoint import CheckpointError, CheckpointManager, load_pretrained_into, plan_resume
+from maescale.checkpoint import (CheckpointError, CheckpointManager, load_pretrained_into, only_encoder_loaded,
+                                 plan_resume)
 from maescale.config import Config
 from maescale.control import Control, Decision, StopSignals
 from maescale.distributed import DistContext, agree_max, broadcast_object, init_distributed
@@ -166,9 +167,11 @@ class Trainer:
         model = build_model(cfg.model, device=device)
         self.encoder_only_init = False
         if cfg.model.init_from and plan.path is None:
-            loaded = load_pretrained_into(model, cfg.model.init_from)
-            self.encoder_only_init = any(k.startswith("decoder_") for k in loaded.get("missing", []))
-            log.info("initialised from %s%s", cfg.model.init_from, " (encoder only)" if self.encoder_only_init else "")
+            loaded = load_pretrained_into(model, cfg.model.init_from, resample_patch=cfg.model.init_resample_patch)
+            self.encoder_only_init = only_encoder_loaded(loaded)
+            log.info("initialised from public MAE checkpoint %s%s", cfg.model.init_from,
+                     " (encoder only: model.decoder_warmup_steps trains the fresh decoder alone first)"
+                     if self.encoder_only_init else "")
         if cfg.model.compile:
             model.compile_model("blocks" if cfg.model.compile is True else cfg.model.compile)
         self.feed = build_feed(cfg, rank, world, device)  # normalised images on the device

@@ -185,7 +185,7 @@ class CheckpointManager:
         self._together(f"commit checkpoint {tag}", self._commit if self.rank == 0 else _nothing, partial, final)
         if self.rank == 0:
             self._prune()
-            log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, _dir_bytes(final) / 1e6)
+            log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, dir_bytes(final) / 1e6)
         return final
 
     def save_training(self, engine, step: int, cfg: Any, total_steps: int, epoch: int, data_state: dict[str, Any],
@@ -285,7 +285,7 @@ class CheckpointManager:
                     log.warning("leaving %s alone: written %.0f s ago, maybe by the job this one took over from", p,
                                 now - newest)
                     continue
-                freed += _dir_bytes(p)
+                freed += dir_bytes(p)
                 shutil.rmtree(p, ignore_errors=True)
                 log.warning("removed incomplete checkpoint %s (an interrupted save)", p)
         barrier(self.group)
@@ -400,5 +400,6 @@ def _checkpoint_files(partial: Path) -> list[str]:
                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(partial).parts))
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes in the files under ``path`` (a checkpoint's size on disk)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
