@@ -26,8 +26,12 @@ Adding a table (a scaling table, a future ``bench/comm*.json``) is one function 
         rows = [[r["op"], f"{r['gb_per_s']:.1f}"] for r in doc["results"]]
         return table(["collective", "GB/s"], "lr", rows)
 
-then put ``<!-- report:comm -->`` and ``<!-- /report:comm -->`` (on lines of their own) where it goes
-in a doc and run ``python tools/report.py --write``. ``tests/test_report.py`` then keeps the doc in
+in this module, next to its peers (the registry fills at import), then put ``<!-- report:comm -->``
+and ``<!-- /report:comm -->`` (on lines of their own) where it goes in a doc and run
+``python tools/report.py --write``. Helpers: :func:`table`, :func:`num`, :func:`pct`, :func:`span`
+(a range over runs), :func:`spread`; for the GPU check's runs :func:`gpu_rows` (every measured
+variant of every run, with its window range) and :func:`best_rates` (the fastest bare step and loop),
+which a scaling table can build on. ``tests/test_report.py`` then keeps the doc in
 step with the JSON. A registered block that no doc places, a marker naming no registered block, a
 begin marker without its end and a name used twice are errors that name the file and line.
 Figures must come from the JSON (or from code, like the analytic FLOPs); a number typed into a
@@ -161,9 +165,9 @@ def _paths(files: list[tuple[str, str | None]]) -> str:
             by_dir.setdefault((path.rsplit("/", 1)[0], None), []).append(path.rsplit("/", 1)[1][:-5])
         else:
             out.append(f"`{path}`" + (f" (key `{key}`)" if key else ""))
-    for (folder, _), stems in by_dir.items():
-        out.insert(0, f"`{folder}/{stems[0]}.json`" if len(stems) == 1 else f"`{folder}/{{{','.join(stems)}}}.json`")
-    return ", ".join(out)
+    grouped = [f"`{folder}/{stems[0]}.json`" if len(stems) == 1 else f"`{folder}/{{{','.join(stems)}}}.json`"
+               for (folder, _), stems in by_dir.items()]
+    return ", ".join(grouped + out)
 
 
 def _sources_line(bench: Bench) -> str:
@@ -235,7 +239,8 @@ def find_blocks(text: str, doc: str) -> list[Placed]:
             continue
         if not open_ or open_[0] != name:
             expected = f"<!-- /report:{open_[0]} -->" if open_ else "a begin marker before it"
-            raise ReportError(f"{doc}:{line}: <!-- /report:{name} --> does not close an open block (expected {expected})")
+            raise ReportError(f"{doc}:{line}: <!-- /report:{name} --> does not close an open block "
+                              f"(expected {expected})")
         start, end = open_[2], m.start()
         inline = open_[1] == line
         if not inline and not (text[start] == "\n" and text[end - 1] == "\n"):
@@ -344,6 +349,7 @@ def num(x: float | None, digits: int = 0) -> str:
 
 
 def pct(x: float | None, digits: int = 1) -> str:
+    """``36.5%`` from 0.365; ``-`` for a missing value."""
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
@@ -361,11 +367,8 @@ def spread(values: Iterable[float]) -> float:
 
 
 def bold(text: str, on: bool = True) -> str:
+    """``**text**`` when ``on``."""
     return f"**{text}**" if on else text
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 # --- analytic FLOPs --------------------------------------------------------------------------
@@ -407,8 +410,11 @@ def _cpu_speed(bench: Bench) -> str:
                          f"{r['images_per_s'] / first['images_per_s']:>7.2f}{r['model_tflops']:>11.3f}"
                          f"{r['hardware_tflops']:>9.3f}{r['first_step_s']:>7.1f}")
     reps = sorted({r["repeats"] for run in _speed_runs(bench) for r in run})
+    loads = [r["extra"][k] for run in _speed_runs(bench) for r in run for k in ("loadavg_before", "loadavg_after")
+             if k in r.get("extra", {})]
     return ("```\n" + "\n".join(lines) + "\n```\n\n"
-            f"*ms/step*: median of {'/'.join(map(str, reps))} timed steps; *range ms*: fastest and slowest of them.")
+            f"*ms/step*: median of {'/'.join(map(str, reps))} timed steps; *range ms*: fastest and slowest of them. "
+            + (f"1-min load average {span(loads, 1)} around the variants." if loads else ""))
 
 
 @block("readme-cpu-speed")
@@ -503,8 +509,8 @@ def _soak(bench: Bench) -> str:
     s = bench.json("bench/soak.json")
     return (f"{len(s['kills'])} kills survived, {s['steps_recomputed']} steps recomputed, "
             f"{num(s['leftover_bytes'])} bytes of checkpoint left behind, final weights "
-            + ("bitwise equal to" if s["identical"] else "NOT equal to") + f" an uninterrupted run of {s['steps']} steps, "
-            f"{s['nproc']} processes, {s['seconds']:.0f} s in all")
+            + ("bitwise equal to" if s["identical"] else "NOT equal to")
+            + f" an uninterrupted run of {s['steps']} steps, {s['nproc']} processes, {s['seconds']:.0f} s in all")
 
 
 # --- the GPU check (bench/gpu_check.sh): H200 runs --------------------------------------------
@@ -597,7 +603,8 @@ def gpu_rows(bench: Bench, base: str = GPU_RUNS) -> list[GpuRow]:
                     continue
                 opts = dict(o.split("=", 1) for o in r["overrides"] if "=" in o)
                 comp, attn = _compile_mode(opts.get("model.compile")), opts.get("model.attn_impl", "sdpa")
-                other = sorted(o for o in r["overrides"] if o.split("=", 1)[0] not in ("model.compile", "model.attn_impl"))
+                other = sorted(o for o in r["overrides"]
+                               if o.split("=", 1)[0] not in ("model.compile", "model.attn_impl"))
                 order, label = _LOOP.get((r["data"], comp), (9.5, f"loop, {r['data']}, compile {comp}"))
                 if attn != "sdpa" or other:
                     order, label = order + 0.5, f"{label}, {' '.join([f'attn {attn}'] * (attn != 'sdpa') + other)}"
@@ -632,8 +639,15 @@ def _h200(bench: Bench) -> str:
         mfu = pct(r.mfu) + (f" ({pct(r.mfu_of_ceiling)})" if r.mfu_of_ceiling is not None else "")
         out.append([str(r.micro_batch), bold(r.label, top), r.run, bold(num(r.images_per_s), top), r.windows, rng,
                     mfu, num(r.launches), num(r.aten_ops), pct(r.idle, 0), num(r.peak_mem_gib, 1)])
-    return table(["micro-batch", "what", "run", "img/s", "timed", "slowest-fastest window", "MFU (of ceiling)",
-                  "launches/step", "aten ops/step", "GPU idle", "peak GiB"], "rlrrlrrrrrr", out)
+    ceilings = []
+    for run, folder in gpu_runs(bench):
+        env = bench.json(f"{folder}/env.json")
+        ceilings.append(f"run {run} {num(env.get('matmul_tflops'))}")
+    peak = bench.json(f"{gpu_runs(bench)[0][1]}/env.json").get("peak_tflops")
+    return (table(["micro-batch", "what", "run", "img/s", "timed", "slowest-fastest window", "MFU (of ceiling)",
+                   "launches/step", "aten ops/step", "GPU idle", "peak GiB"], "rlrrlrrrrrr", out)
+            + f"\n\nMFU against the datasheet's {num(peak, 1)} TFLOP/s; in brackets against the bf16 matmul ceiling "
+            f"measured at the start of the run: {', '.join(ceilings)} TFLOP/s.")
 
 
 @block("h200-repeats")
@@ -694,7 +708,8 @@ def _readme_h200(bench: Bench) -> str:
             if bare is not None and loop.attn == "sdpa":
                 ratios.setdefault(loop.compile, []).append(loop.images_per_s / bare.images_per_s)
         name = {"off": "eager", "graphs": "graphs", "blocks": "compiled"}
-        line.append(", ".join(f"{span(v, 2)} {name.get(c, c)}" for c, v in sorted(ratios.items(), key=lambda kv: kv[0] != "off")))
+        eager_first = sorted(ratios.items(), key=lambda kv: kv[0] != "off")
+        line.append(", ".join(f"{span(v, 2)} {name.get(c, c)}" for c, v in eager_first))
         out.append(line)
     runs = gpu_runs(bench)
     return (table(["micro-batch", *(c[1] for c in cols), "loop / bare (same variant, same run)"], "rrrrrrl", out)
@@ -717,6 +732,12 @@ DATA = "bench/data_results.json"
 _SET_LABEL = {"500x375": "~500x375", "2000x1500": "~2000x1500"}
 
 
+def _load_averages(section: dict) -> list[float]:
+    """The 1-min load averages recorded before the runs and after each image set."""
+    return ([x for s in section["sets"].values() for x in s.get("load_average_after", [])[:1]]
+            + section.get("load_average_before", [])[:1])
+
+
 @block("data-loader")
 def _data_loader(bench: Bench) -> str:
     d = bench.json(DATA)
@@ -729,7 +750,7 @@ def _data_loader(bench: Bench) -> str:
         out.append([f"{s['images']} x {name} JPEG q{d['settings']['jpeg_quality']} (~{s['mean_jpeg_kb']:.0f} kB)",
                     best("imagefolder"), best("maescale"), best("maescale_plain"), best("raw_tar_read", 0),
                     f"**{s['speedup_vs_imagefolder']:.2f}x**", f"{s['cpu_time_speedup']:.2f}x"])
-    loads = [x for s in d["sets"].values() for x in s.get("load_average_after", [])[:1]] + d.get("load_average_before", [])[:1]
+    loads = _load_averages(d)
     return (table(["images", "ImageFolder+RRC+ToTensor", "maescale", "maescale (fast_decode off)", "raw tar read",
                    "speedup", "speedup, CPU time"], "lrrrrrr", out)
             + f"\n\nImages/s per worker process, best (and worst) of {d['settings']['repeats']} runs; the speedup is "
@@ -760,8 +781,8 @@ def _sizing_rates(bench: Bench) -> list[tuple[str, float]]:
     return rates
 
 
-_PATHS = (("full_decode_fast", "CPU decode (fast_decode, default)"), ("full_decode_plain", "CPU decode (fast_decode off)"),
-          ("gpu_decode", "gpu_decode (worker share)"))
+_PATHS = (("full_decode_fast", "CPU decode (fast_decode, default)"),
+          ("full_decode_plain", "CPU decode (fast_decode off)"), ("gpu_decode", "gpu_decode (worker share)"))
 
 
 @block("data-sizing")
@@ -775,8 +796,8 @@ def _data_sizing(bench: Bench) -> str:
             wp = s["worker_process_ms_per_image"].get(key)
             runs = s["runs"].get(key, [ms])
             out.append([f"{name} JPEG q{g['settings']['jpeg_quality']} (~{s['mean_jpeg_kb']:.0f} kB)", label,
-                        f"{ms:.3f} ms ({span(runs, 3)})", num(s["images_per_s_per_core"][key]), *(f"{rate * ms / 1e3:.1f}" for _, rate in rates),
-                        "-" if wp is None else f"{wp:.3f} ms"])
+                        f"{ms:.3f} ms ({span(runs, 3)})", num(s["images_per_s_per_core"][key]),
+                        *(f"{rate * ms / 1e3:.1f}" for _, rate in rates), "-" if wp is None else f"{wp:.3f} ms"])
     node = []
     for name, s in g["sets"].items():
         for key, label in _PATHS:
@@ -784,10 +805,14 @@ def _data_sizing(bench: Bench) -> str:
             if wp is not None:
                 node.append([name, label, *(f"{8 * rate * wp / 1e3:.0f}" for _, rate in rates)])
     heads = [f"worker cores per GPU at {label}" for label, _ in rates]
-    loads = [x for s in g["sets"].values() for x in s.get("load_average_after", [])[:1]] + g.get("load_average_before", [])[:1]
+    loads = _load_averages(g)
+    bare, loop = best_rates(bench)
     return (table(["images", "path", f"worker CPU per image (best of {g['settings']['repeats']}; range)",
-                   "images/s per core", *heads, "DataLoader worker process CPU per image"], "ll" + "r" * (3 + len(rates)), out)
-            + f"\n\n1-min load average {span(loads, 1)} during the runs. "
+                   "images/s per core", *heads, "DataLoader worker process CPU per image"],
+                  "ll" + "r" * (3 + len(rates)), out)
+            + f"\n\n1-min load average {span(loads, 1)} during the runs. The best rates measured per GPU (ViT-H, "
+            f"H200): the loop {num(loop.images_per_s)} img/s, the bare model step {num(bare.images_per_s)} img/s "
+            f"(micro-batch {bare.micro_batch}, run {bare.run}). "
             "Per 8-GPU node, from the worker-process column (add the 8 training processes' own cores):\n\n"
             + table(["images", "path", *(f"worker cores at 8 x {label.split(' (')[0]}" for label, _ in rates)],
                     "ll" + "r" * len(rates), node))
@@ -799,7 +824,8 @@ def _readme_cores(bench: Bench) -> str:
     rates = _sizing_rates(bench)
     out = []
     for name, s in g["sets"].items():
-        for key, label in (("full_decode_fast", "CPU decode (default fast path)"), ("gpu_decode", "`gpu_decode` worker share")):
+        for key, label in (("full_decode_fast", "CPU decode (default fast path)"),
+                           ("gpu_decode", "`gpu_decode` worker share")):
             ms = s["worker_process_ms_per_image"][key]
             out.append([f"{name} (~{s['mean_jpeg_kb']:.0f} kB)", label, f"{ms:.2f} ms", num(1e3 / ms),
                         *(f"{rate * ms / 1e3:.1f}" for _, rate in rates)])
@@ -819,8 +845,8 @@ def _decode_device(bench: Bench) -> str:
 
         def ms(k: str) -> str:
             return f"{t[k]['median_ms']:.2f} ms ({t[k]['min_ms']:.2f})"
-        out.append([name, ms("decode"), ms("crop_resize"), ms("normalize"), ms("total"), f"{t['total']['host_cpu_ms']:.2f}",
-                    ms("per_image_crop_resize_before"),
+        out.append([name, ms("decode"), ms("crop_resize"), ms("normalize"), ms("total"),
+                    f"{t['total']['host_cpu_ms']:.2f}", ms("per_image_crop_resize_before"),
                     f"{n['decode_nvjpeg']['launch_calls']} / {n['crop_resize_normalize']['launch_calls']} / "
                     f"{n['per_image_crop_resize_before']['launch_calls']}"])
         w = s["worker"]
@@ -829,7 +855,8 @@ def _decode_device(bench: Bench) -> str:
     reps = {v["repeats"] for s in d["sets"].values() for v in s["device_ms"].values()}
     return (table(["images", "nvjpeg decode", "crop+resize+flip", "normalise", "whole call", "host ms",
                    "per-image resize (before)", "launches: nvjpeg / ours / before"], "lrrrrrrl", out)
-            + f"\n\nDevice time per batch of {d['settings']['batch_size']}: median of {'/'.join(map(str, sorted(reps)))} "
+            + f"\n\nDevice time per batch of {d['settings']['batch_size']}: median of "
+            f"{'/'.join(map(str, sorted(reps)))} "
             "(fastest in brackets). Worker CPU per image on that host's cores:\n\n"
             + table(["images", "`gpu_decode`", "CPU decode, fast path", "CPU decode, fast_decode off"], "lrrr", work))
 
