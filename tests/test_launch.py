@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from maescale.distributed import port_for_job
 from maescale.config import load_config
 from maescale.exitcodes import PREEMPTED as EXIT_PREEMPTED
 from maescale.launch.job import TrainJob, _ignore_late_signal, prepare_dist_env, read_requeues, record_requeue
@@ -350,7 +351,7 @@ def test_dist_env_from_slurm_variables_ignores_inherited_torchrun_ones():
                "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     env = prepare_dist_env(environ)
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.num_nodes) == (13, 32, 5, 8, 4)
-    assert env.master_addr == "node001" and env.master_port == 20000 + 123456 % 20000 and env.source == "slurm"
+    assert env.master_addr == "node001" and env.master_port == port_for_job("123456") and env.source == "slurm"
     assert "RANK" not in environ and "WORLD_SIZE" not in environ
 
 
@@ -362,7 +363,7 @@ def test_dist_env_from_submitit_local_executor():
         envs.append(prepare_dist_env(environ))
         assert environ["RANK"] == str(rank) and environ["WORLD_SIZE"] == "2"
     assert [(e.rank, e.world_size, e.local_rank) for e in envs] == [(0, 2, 0), (1, 2, 1)]
-    assert {(e.master_addr, e.master_port) for e in envs} == {("127.0.0.1", 20000 + 31337 % 20000)}
+    assert {(e.master_addr, e.master_port) for e in envs} == {("127.0.0.1", port_for_job("31337"))}
 
 
 @pytest.fixture
