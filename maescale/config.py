@@ -82,7 +82,9 @@ class DataConfig:
     sizes_file: str | None = None  # default: sizes.json beside the shards
     resampled: bool = False  # infinite stream, shards drawn with replacement
     shuffle_buffer: int = 5000
-    num_workers: int = 8
+    # DataLoader worker processes per rank; auto: the rank's CPU cores (SLURM_CPUS_PER_TASK, else this
+    # process's CPU affinity) minus 2 (the training process and its pin-memory thread), at most 16.
+    num_workers: Union[int, Literal["auto"]] = "auto"
     prefetch_factor: int = 4
     pin_memory: bool = True
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -195,7 +197,9 @@ class SlurmConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    cpus_per_task: int = 16
+    # 10 x 8 tasks = 80 CPUs per node: schedules on the common 8-GPU nodes (96-224 CPUs, some kept for
+    # the system); data.num_workers: auto derives the worker count from it.
+    cpus_per_task: int = 10
     mem: str | None = None  # e.g. "0" (all) or "480G"
     time: str = "72:00:00"  # minutes or [D-]HH:MM:SS
     partition: str | None = None
@@ -564,7 +568,7 @@ def validate(cfg: Config) -> None:
 
     _check(d.num_samples is None or d.num_samples > 0, "data.num_samples", d.num_samples, "null or a positive integer")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers", d.num_workers, "auto or an integer >= 0")
     _check(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "an integer >= 1")
     lo, hi = d.crop_scale
     _check(0.0 < lo <= hi <= 1.0, "data.crop_scale", list(d.crop_scale), "[lo, hi] with 0 < lo <= hi <= 1")
@@ -642,6 +646,22 @@ def validate(cfg: Config) -> None:
         parse_slurm_time(s.time)
     except ValueError as exc:
         raise ConfigError(str(exc), key="slurm.time") from None
+
+
+MAX_AUTO_WORKERS = 16
+
+
+def resolve_num_workers(value: int | str, cpus: int | None = None) -> int:
+    """``data.num_workers`` as a number: ``auto`` -> the rank's cores minus 2 (the training
+    process and its pin-memory thread), 0..:data:`MAX_AUTO_WORKERS`. ``cpus``: the rank's cores
+    (default ``SLURM_CPUS_PER_TASK``, else this process's CPU affinity)."""
+    if value != "auto":
+        return int(value)
+    if cpus is None:
+        env = os.environ.get("SLURM_CPUS_PER_TASK", "")
+        cpus = int(env) if env.isdigit() else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus - 2))
 
 
 def lean_step_applies(cfg: Config) -> bool:

@@ -341,7 +341,7 @@ class RunLock:
         self.lost_after = lost_after
         self.token = ""
         self.lost = False
-        self.took_over = False  # this job took the lock from another holder (see clean_partials)
+        self.took_over = False  # this job took the lock from a holder that may still be alive (see clean_partials)
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
@@ -394,7 +394,9 @@ class RunLock:
                         log.warning("taking over the run directory %s from %s: %s", self.run.path,
                                     self._describe(found), reason)
                     self._break(found)
-                    self.took_over = True
+                    # A dead process, or this job before its requeue, writes nothing more; a holder
+                    # judged by a silent heartbeat or taken over by request may still be alive.
+                    self.took_over = not reason.startswith(("its process", "it is this job"))
                     continue
             waited = time.monotonic() - t0
             if waited >= self.wait_s:

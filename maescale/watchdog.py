@@ -12,7 +12,7 @@ saves, evaluation, a rollback), the thread
    ``RUN/stalls/<attempt>/rank_<R>.txt``, and on GPUs the NCCL flight recorder's trace of the
    last collectives into ``nccl_rank_<R>.pkl`` beside it (the collective timeout's own dump would
    never fire: the watchdog ends the job first);
-2. reads every rank's last published progress (``RUN/stalls/<attempt>/progress/rank_<R>.json``,
+2. reads every rank's last published progress (``RUN/attempts/<attempt>/progress/rank_<R>.json``,
    rewritten by each watchdog thread every few seconds, off the training thread) and names the
    rank(s) furthest behind and their hosts in one log line and in ``stall_rank_<R>.json``;
 3. waits ``grace_s`` (so that the other ranks, which stall within a step of each other, can
@@ -23,6 +23,10 @@ A rank whose main thread holds the GIL while it hangs starves this thread; a C-l
 ``faulthandler.dump_traceback_later`` armed a little beyond the thread's own deadline (re-armed by
 the thread while it runs) still dumps the stacks and ends the process in that case.
 Detection bound: ``stall_timeout_s`` + ``poll_s`` + ``grace_s`` after the last progress.
+
+Besides, each new step writes its number in place into ``progress/rank_<R>.step`` (one
+``pwrite`` of a few bytes, no rename, no fsync): after a crash the supervisor reads at which step
+every rank was, to tell a failure that repeats at the same step from a new one.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class StallWatchdog:
                  timeout_s: float | None, *, poll_s: float = 1.0, grace_s: float = 5.0,
                  publish_s: float = 5.0, exit_process: bool = True):
         self.dir = Path(run_path) / "stalls" / attempt
+        self.progress_dir = Path(run_path) / "attempts" / attempt / "progress"
         self.rank, self.world = rank, world_size
         self.configured = timeout_s
         self.timeout_s = resolve_timeout(timeout_s, [])
@@ -82,7 +87,7 @@ class StallWatchdog:
         self._step_started: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._fallback = None
+        self._step_fd: int | None = None
         self.fired: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ the training thread
@@ -96,6 +101,11 @@ class StallWatchdog:
                     del self._step_times[:100]
             self._step_started = now
             self.steps_done += 1
+            if self._step_fd is not None:
+                try:
+                    os.pwrite(self._step_fd, b"%12d\n" % step, 0)
+                except OSError:
+                    pass
         self.step, self.phase, self._last = step, phase, now
 
     def budget(self) -> float:
@@ -109,7 +119,9 @@ class StallWatchdog:
 
     # ------------------------------------------------------------------ the watchdog thread
     def start(self) -> "StallWatchdog":
-        (self.dir / "progress").mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
+        self._step_fd = os.open(self.progress_dir / f"rank_{self.rank}.step", os.O_WRONLY | os.O_CREAT, 0o644)
         self._fallback_file = open(self.dir / f"rank_{self.rank}.fallback.txt", "w")
         self._thread = threading.Thread(target=self._watch, name="maescale-watchdog", daemon=True)
         self._thread.start()
@@ -126,6 +138,13 @@ class StallWatchdog:
             path = Path(f.name)
             if path.exists() and path.stat().st_size == 0:
                 path.unlink(missing_ok=True)
+            try:
+                self.dir.rmdir()  # no stall: no stall directory
+            except OSError:
+                pass
+        if self._step_fd is not None:
+            os.close(self._step_fd)
+            self._step_fd = None
 
     def _watch(self) -> None:
         last_publish = 0.0
@@ -145,7 +164,7 @@ class StallWatchdog:
 
     def _publish(self) -> None:
         try:
-            write_json_atomic(self.dir / "progress" / f"rank_{self.rank}.json",
+            write_json_atomic(self.progress_dir / f"rank_{self.rank}.json",
                               {"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
                                "phase": self.phase, "idle_s": round(time.monotonic() - self._last, 1),
                                "time": time.time()})
@@ -186,13 +205,13 @@ class StallWatchdog:
 
     def analyse(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(the ranks furthest behind, every rank's last published progress)."""
-        return furthest_behind(self.dir)
+        return furthest_behind(self.progress_dir)
 
 
-def read_progress(stall_dir: Path) -> list[dict[str, Any]]:
-    """Every rank's last published progress in ``stall_dir/progress``."""
+def read_progress(progress_dir: Path) -> list[dict[str, Any]]:
+    """Every rank's last published progress in ``progress_dir``."""
     found = []
-    for path in sorted((Path(stall_dir) / "progress").glob("rank_*.json")):
+    for path in sorted(Path(progress_dir).glob("rank_*.json")):
         try:
             found.append(json.loads(path.read_text()))
         except (OSError, ValueError):
@@ -200,10 +219,21 @@ def read_progress(stall_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
-def furthest_behind(stall_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_steps(progress_dir: Path) -> dict[int, int]:
+    """The step every rank was at (its ``rank_<R>.step`` record), by rank."""
+    steps = {}
+    for path in Path(progress_dir).glob("rank_*.step"):
+        try:
+            steps[int(path.name[5:-5])] = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return steps
+
+
+def furthest_behind(progress_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The ranks whose (step, phase) is the earliest, unless every rank is at the same place
     (then nobody is named: a hung collective or a stall of the whole job)."""
-    ranks = read_progress(stall_dir)
+    ranks = read_progress(progress_dir)
     if not ranks:
         return [], []
 
