@@ -176,7 +176,8 @@ class TrainJob:
         job = SlurmJob.from_env(cfg)
         setup_supervisor_logging(RunDir(cfg.output_dir))
         self._log_start(f"{job.nodes * job.tasks_per_node} process(es) on {job.nodes} node(s)")
-        supervisor = Supervisor(cfg, job, write_job_config(cfg, job.job_id), self._requeue)
+        supervisor = Supervisor(cfg, job, write_job_config(cfg, job.job_id),
+                                lambda outcome: self._requeue(outcome, submitit_signal()))
         supervisor.install_signals()
         outcome = supervisor.run_job()
         if outcome.kind in ("crash", "stall", "bad_input"):
@@ -201,13 +202,7 @@ class TrainJob:
         finally:
             shutdown()
         if result.status == "preempted" and env.rank == 0:
-            if usr_sig in result.stop_signals:
-                self._requeue(result)  # does not return when the job is requeued
-            else:
-                names = ", ".join(signal.Signals(s).name for s in result.stop_signals) or "another rank's signal"
-                log.warning("stopped at step %d by %s with a checkpoint; not requeuing: SIGTERM means scancel, or a "
-                            "preemption that SLURM requeues by itself (PreemptMode=REQUEUE). To resume by hand: %s",
-                            result.step, names, self._resume_hint())
+            self._requeue(result, usr_sig)  # does not return when the job is requeued
         return result
 
     def _log_start(self, where: str) -> None:
@@ -223,14 +218,22 @@ class TrainJob:
         else:
             log.info("job %s starts run %s (%s)", job_id, Path(cfg.output_dir).resolve(), where)
 
-    def _requeue(self, stopped: Any) -> None:
-        """After the training saved and stopped on submitit's signal: requeue through submitit's
-        own handler (``stopped``: the supervisor's outcome or the local rank 0's result)."""
+    def _requeue(self, stopped: Any, usr_sig: int) -> None:
+        """After the training saved and stopped on a signal (``stopped``: the supervisor's outcome,
+        or the local rank 0's result): on submitit's signal, requeue through submitit's own
+        handler; after SIGTERM alone, nothing (``scancel``, or a preemption SLURM requeues itself)."""
         from maescale.compat import submitit_signal_handler_class
 
         cfg, job_id = self.cfg, _job_id()
-        usr_sig = submitit_signal()
-        step = stopped.stopped_step if hasattr(stopped, "stopped_step") else stopped.step
+        if hasattr(stopped, "stopped_step"):
+            step, names = stopped.stopped_step, list(stopped.signals)
+        else:
+            step, names = stopped.step, [signal.Signals(s).name for s in stopped.stop_signals]
+        if signal.Signals(usr_sig).name not in names:
+            log.warning("stopped at step %s by %s with a checkpoint; not requeuing: SIGTERM means scancel, or a "
+                        "preemption that SLURM requeues by itself (PreemptMode=REQUEUE). To resume by hand: %s",
+                        step, ", ".join(names) or "another rank's signal", self._resume_hint())
+            return
         handler = signal.getsignal(usr_sig)
         if not isinstance(getattr(handler, "__self__", None), submitit_signal_handler_class()):
             log.warning("stopped at step %s; not running under submitit, so nothing requeues this job: "

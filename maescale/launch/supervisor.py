@@ -350,15 +350,11 @@ class Supervisor:
         return "".join(lines)
 
     def _preempted(self, outcome: Outcome) -> None:
-        step = outcome.stopped_step
-        time_limit = _time_limit_signal_name()
-        if time_limit in outcome.signals and not self.cancelled:
-            self.requeue(outcome)  # submitit's handler: does not return when the job is requeued
-            return
-        names = ", ".join(outcome.signals) or "another rank's signal"
-        log.warning("stopped at step %s by %s with a checkpoint; not requeuing: SIGTERM means scancel, or a "
-                    "preemption that SLURM requeues by itself (PreemptMode=REQUEUE). To resume by hand: %s",
-                    step, names, resume_hint(self.cfg))
+        """Every task stopped on a signal with a checkpoint: ``requeue`` decides by the signals
+        (the time-limit signal requeues; SIGTERM alone does not)."""
+        if self.cancelled and "SIGTERM" not in outcome.signals:
+            outcome.signals.append("SIGTERM")  # the supervisor's own: this job is being cancelled
+        self.requeue(outcome)
 
     def _requeue_without(self, outcome: Outcome) -> None:
         hosts = outcome.hosts
@@ -444,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path = write_job_config(cfg, job.job_id)
 
     def requeue(outcome: Outcome) -> None:
+        if _time_limit_signal_name() not in outcome.signals or "SIGTERM" in outcome.signals and supervisor.cancelled:
+            log.warning("stopped at step %s by %s with a checkpoint; not requeuing: SIGTERM means scancel, or a "
+                        "preemption that SLURM requeues by itself (PreemptMode=REQUEUE). To resume by hand: "
+                        "sbatch slurm/train.sbatch %s", outcome.stopped_step, ", ".join(outcome.signals) or "a signal",
+                        shlex.join(args))
+            return
         record = job_record(cfg.output_dir, job.job_id)
         if record["requeues"] >= cfg.slurm.max_requeues:
             log.error("not requeuing job %s: requeued %d times already (slurm.max_requeues=%d); resume by hand: %s",
