@@ -291,7 +291,7 @@ def _table_items(tables: list[_Table], image: tuple[str, str], label: tuple[str 
                  class_index: dict[str, int] | None, base: str, shuffle: bool, seed: int,
                  buffer: int) -> Iterator[Item]:
     column, kind = image
-    label_col, _ = label
+    label_col, label_names = label
     columns = [column] + ([label_col] if label_col and label_col != column else [])
     order = [(t, b) for t in range(len(tables)) for b in range(len(tables[t].blocks))]
     if shuffle:
@@ -322,6 +322,7 @@ def _table_items(tables: list[_Table], image: tuple[str, str], label: tuple[str 
                     lab, cls = class_index[raw] if class_index else None, raw  # type: ignore[index]
                 elif isinstance(raw, int) and raw >= 0:
                     lab = raw
+                    cls = label_names[raw] if label_names and raw < len(label_names) else None
                 stem = f"{os.path.splitext(os.path.basename(table.path))[0]}_{row}"
                 name = os.path.splitext(os.path.basename(original))[0] if original else stem
                 where = f"{source} row {row}" + (f" ({original})" if original else "")
@@ -492,9 +493,11 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, inp
     common = dict(maxcount=maxcount, maxsize=maxsize, workers=workers, resize=resize, prefix=prefix,
                   overwrite=overwrite)
     if fmt == "folder":
-        given = [n for n, v in (("--image-column", image_column), ("--split", split), ("--root", root)) if v]
+        given = [n for n, v in (("--image-column", image_column), ("--split", split), ("--root", root),
+                                ("--label-column", label_column != "auto")) if v]
         if given:
-            raise InputError(f"{', '.join(given)} do(es) not apply to an image folder ('{path}')")
+            raise InputError(f"{', '.join(given)}: not for an image folder ('{path}'), whose classes are its "
+                             f"sub-folders")
         return make_shards(path, output_dir, shuffle=shuffle, seed=seed, **common)  # type: ignore[arg-type]
     if fmt == "list":
         items, total, classes, source = _convert_list(path, root, image_column, label_column, shuffle, seed)

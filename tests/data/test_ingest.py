@@ -59,7 +59,8 @@ def test_parquet_file_folder_and_glob(tmp_path):
         assert sorted(s["id"] for s in samples) == list(range(24))  # every row once
         for s in samples:
             assert s["cls"] == str(s["id"] % 3).encode()  # the ClassLabel index, as .cls
-            assert s["json"]["label"] == s["id"] % 3 and s["json"]["path"] == f"img_{s['id']:05d}.png"
+            assert s["json"]["label"] == s["id"] % 3 and s["json"]["class"] == NAMES[s["id"] % 3]
+            assert s["json"]["path"] == f"img_{s['id']:05d}.png"
             assert s["json"]["source"].startswith("train-0000") and (s["json"]["width"], s["json"]["height"]) == (15, 12)
     # the loader reads the result with no data.num_samples: sizes.json from the shards' folder
     loader = build_train_loader(data_cfg(str(out / "shard-*.tar")), img_size=8, micro_batch_size=4, rank=0,
@@ -148,6 +149,9 @@ def test_path_lists_txt_and_csv(tmp_path):
     (tmp_path / "nohead.csv").write_text(f"{names[0]},0\n")
     with pytest.raises(InputError, match="needs a header row"):
         convert(tmp_path / "nohead.csv", tmp_path / "c")
+    assert detect_format(str(tmp_path / "imgs")) == "folder"  # a folder of images stays a folder input
+    with pytest.raises(InputError, match=r"--label-column: not for an image folder"):
+        convert(tmp_path / "imgs", tmp_path / "d", label_column="kind")
 
 
 def test_manifest_counts_sizes_checksums_and_unreadable(tmp_path):
