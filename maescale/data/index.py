@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from typing import Iterable
 
 from maescale.data.errors import DataError
@@ -64,10 +65,9 @@ def count_shards(urls: list[str], workers: int = 0) -> list[ShardCount]:
         workers = min(len(urls), os.cpu_count() or 1)
     if workers <= 1 or len(urls) <= 1:
         return [count_shard(u) for u in urls]
-    # forkserver: the workers start from a clean process, not from a copy of a caller that may hold
-    # threads and their locks (a training process, a test run); spawn where there is no forkserver
-    method = "forkserver" if "forkserver" in get_all_start_methods() else "spawn"
-    with get_context(method).Pool(workers) as pool:
+    # fork (as make_shards): a forkserver or spawn context would leave its helper processes
+    # (the server, the resource tracker) running in the caller after the pool is gone
+    with get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
         return pool.map(count_shard, urls, chunksize=max(1, len(urls) // (workers * 8)))
 
 
