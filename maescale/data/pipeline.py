@@ -296,12 +296,15 @@ def build_train_loader(
     if bpe < 1:
         raise DataError(f"an epoch of {samples} samples is less than one batch per rank "
                         f"({world_size} ranks x micro batch {micro_batch_size})", key="data.num_samples")
+    from maescale.config import resolve_num_workers
+
+    workers = resolve_num_workers(data_cfg.num_workers)  # "auto": this rank's cores minus 2
     set_max_image_pixels(data_cfg.max_image_pixels)
     decoder = Decoder(img_size, scale=data_cfg.crop_scale, ratio=data_cfg.crop_ratio,
                       interpolation=data_cfg.interpolation, hflip_prob=data_cfg.hflip_prob,
                       fast=data_cfg.fast_decode, max_pixels=data_cfg.max_image_pixels)
     plan = Plan(urls=urls, counts=counts, resampled=bool(data_cfg.resampled), seed=int(seed), rank=rank,
-                world_size=world_size, num_workers=max(1, int(data_cfg.num_workers)),
+                world_size=world_size, num_workers=max(1, workers),
                 batch_size=int(micro_batch_size), samples_per_epoch=samples, batches_per_epoch=bpe,
                 shuffle_buffer=int(data_cfg.shuffle_buffer), shard_retries=int(data_cfg.shard_retries),
                 max_bad_fraction=float(data_cfg.max_bad_fraction),
@@ -315,7 +318,7 @@ def build_train_loader(
             logger.warning("data: %d shards for %d readers (ranks x workers) and no per-shard sizes: "
                            "some readers repeat shards; write a sizes file or more shards",
                            len(urls), world_size * plan.num_workers)
-    loader = TrainLoader(plan, num_workers=int(data_cfg.num_workers), prefetch_factor=int(data_cfg.prefetch_factor),
+    loader = TrainLoader(plan, num_workers=workers, prefetch_factor=int(data_cfg.prefetch_factor),
                          pin_memory=bool(data_cfg.pin_memory) and torch.cuda.is_available())
     if state is not None:
         loader.load_state_dict(state)
