@@ -196,15 +196,13 @@ class Trainer:
         self.stepper = build_step(cfg, self.engine, device, [g["name"] for g in self.groups])
         self.rollbacks = Rollbacks(run, rank, ctx.control_group)
         self.skips = DataSkips.at_resume(cfg, self.rollbacks, self.step)
+        how = {"FlatZeroStep": ", gradients reduce-scattered in {n} buckets during backward",
+               "DeepSpeedStep": ", DeepSpeed's gradient reduction"}[type(self.stepper).__name__].format(n=len(self.groups))
         log.info("model %s (%.1fM parameters), %d process(es), effective batch %d, %d steps, peak lr %.3g, "
-                 "warmup %d steps, ZeRO-%d%s, %s, %d parameter group(s)", cfg.model.name,
+                 "warmup %d steps, ZeRO-%d%s%s, %s", cfg.model.name,
                  sum(p.numel() for p in self.model.parameters()) / 1e6, world, effective_batch(cfg, world),
                  self.total_steps, self.schedule.peak_lr, self.schedule.warmup_steps, cfg.deepspeed.zero_stage,
-                 f" ({type(self.stepper).__name__})" if self.stepper.lean else "", cfg.train.precision,
-                 len(self.groups))
-        if plan.resized:  # rewrite at once in this job's layout: later resumes at this size need no conversion
-            self.save(reason="resize")
-            log.info("checkpoint %s rewritten for %d processes", self.last_checkpoint, world)
+                 " (lean step)" if self.stepper.lean else "", how, cfg.train.precision)
 
         # ---- the pieces around the step
         model_flops, hw_flops = train_flops_per_image(PRESETS[cfg.model.name], cfg.model.img_size,
@@ -229,6 +227,9 @@ class Trainer:
         self.rollbacks_done = 0
         if self.resumed_from is not None:
             self.progress.resumed(self.step)
+        if plan.resized:  # rewrite at once in this job's layout: later resumes at this size need no conversion
+            self.save(reason="resize")
+            log.info("checkpoint %s rewritten for %d processes", self.last_checkpoint, world)
 
     # ------------------------------------------------------------------ 4. the loop
     def run(self) -> TrainResult:

@@ -36,7 +36,9 @@ def test_nan_batch_step_is_skipped_and_counted(shards, tmp_path):
 def test_consecutive_nan_steps_stop_the_run_keeping_last_good_checkpoint(shards, tmp_path):
     out = tmp_path / "run"
     faults = ",".join(f"train.batch@{s}=nan" for s in range(5, 12))
-    proc = _train(base_overrides(shards, out, 20, **{"train.max_nonfinite_steps": 3}), env={"MAESCALE_FAULTS": faults})
+    # train.rollback=false: the stop path (tests/e2e/test_rollback.py covers rolling back instead)
+    proc = _train(base_overrides(shards, out, 20, **{"train.max_nonfinite_steps": 3, "train.rollback": "false"}),
+                  env={"MAESCALE_FAULTS": faults})
     assert proc.returncode == 2
     assert "3 consecutive steps had non-finite loss or gradients (train.max_nonfinite_steps=3)" in proc.stderr
     assert "step_00000004" in proc.stderr  # names the last good checkpoint

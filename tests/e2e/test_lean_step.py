@@ -84,7 +84,9 @@ def test_consecutive_nonfinite_steps_stop_at_the_next_log_step(shards, tmp_path)
     """With log_every=4 the streak is read every 4 steps: 3 NaN steps (5-7) stop the run at step 8."""
     out = tmp_path / "run"
     faults = ",".join(f"train.batch@{s}=nan" for s in range(5, 12))
-    overrides = base_overrides(shards, out, 20, **{"train.max_nonfinite_steps": 3, "train.log_every": 4})
+    # train.rollback=false: the stop path (with rollback on, the run would go back to step 4 instead)
+    overrides = base_overrides(shards, out, 20, **{"train.max_nonfinite_steps": 3, "train.log_every": 4,
+                                                   "train.rollback": "false"})
     from tests.e2e.test_faults import _train
 
     proc = _train(overrides, env={"MAESCALE_FAULTS": faults})
