@@ -357,6 +357,7 @@ def write_profiles(path: str | None = None, presets: list[str] | None = None,
     every ``act_ckpt_every`` in ``ckpt_options`` and write them into the plan's profile file
     (``maescale/planning/activation_profiles.json`` unless ``path``), keeping the entries of other
     configurations that are already there. Returns the path."""
+    import gc
     import json
     import os
 
@@ -368,29 +369,29 @@ def write_profiles(path: str | None = None, presets: list[str] | None = None,
     unknown = [p for p in presets if p not in PROFILE_SIZES]
     if unknown:
         raise ValueError(f"no profile image size for {unknown}; known: {', '.join(PROFILE_SIZES)}")
-    old: list[dict] = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            old = json.load(fh).get("profiles", [])
     env = _environment()
-    new = []
-    for name in presets:
+    key = lambda e: (e["preset"], e["img_size"], e["mask_ratio"], e["act_ckpt_every"], e["dtype"])  # noqa: E731
+    for name in presets:  # written after each preset: a long measurement keeps what it has done
+        new = []
         for k in ckpt_options:
             prof = activation_profile(name, PROFILE_SIZES[name], mask_ratio, k, dtype=dtype, batches=batches)
             new.append(profile_entry(prof, env))
-    key = lambda e: (e["preset"], e["img_size"], e["mask_ratio"], e["act_ckpt_every"], e["dtype"])  # noqa: E731
-    replaced = {key(e) for e in new}
-    entries = sorted([e for e in old if key(e) not in replaced] + new, key=key)
-    write_json_atomic(path, {
-        "format": PROFILES_FORMAT,
-        "made_by": "python -m maescale.devtools.memory --write-profiles",
-        "how": ("activation bytes of one real forward + backward on CPU (what autograd saves and the peak of live "
-                "tensor bytes; maescale/devtools/memory.py), weights and inputs in the entry's dtype (bf16 as "
-                "DeepSpeed's bf16 mode keeps them), attn_impl sdpa, fitted as "
-                "fixed + per_image x micro-batch from two micro-batches; each entry names its date, device "
-                "and versions. Bytes, not MiB."),
-        "profiles": entries,
-    }, indent=1)
+            gc.collect()
+        old: list[dict] = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                old = json.load(fh).get("profiles", [])
+        replaced = {key(e) for e in new}
+        entries = sorted([e for e in old if key(e) not in replaced] + new, key=key)
+        write_json_atomic(path, {
+            "format": PROFILES_FORMAT,
+            "made_by": "python -m maescale.devtools.memory --write-profiles",
+            "how": ("activation bytes of one real forward + backward on CPU (what autograd saves and the peak of live "
+                    "tensor bytes; maescale/devtools/memory.py), weights and inputs in the entry's dtype (bf16 as "
+                    "DeepSpeed's bf16 mode keeps them), attn_impl sdpa, fitted as fixed + per_image x micro-batch "
+                    "from two micro-batches; each entry names its date, device and versions. Bytes, not MiB."),
+            "profiles": entries,
+        }, indent=1)
     return path
 
 

@@ -186,6 +186,8 @@ def decode_sample(cfg: Config, urls: list[str], count: int) -> DecodeSample:
             try:
                 t0 = time.process_time()
                 for _, sample in iter_samples(stream, seekable=is_local(url), stop=per):
+                    if out.images + len(out.bad) >= count:
+                        break
                     try:
                         if "__bad__" in sample:
                             raise BadSample(sample["__bad__"])

@@ -32,6 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from maescale.flops import num_ckpt_blocks
+
 GIB = 1024**3
 MIB = 1024**2
 RESERVE_GIB = 8.0
@@ -187,11 +189,6 @@ def load_profiles(path: str | os.PathLike = PROFILES_PATH) -> tuple[dict[str, An
     return meta, list(profiles)
 
 
-def _ckpt_blocks(depth: int, k: int) -> int:
-    """Blocks checkpointed with ``act_ckpt_every = k`` (blocks ``0, k, 2k ...``, as the model does)."""
-    return 0 if k <= 0 else len(range(0, depth, k))
-
-
 def block_model(off: Profile, every: Profile, others: list[Profile], k: int) -> Profile:
     """The profile at ``act_ckpt_every = k`` from the measured ones at 0 (``off``) and 1 (``every``)
     (see the module docstring); ``others`` (all profiles of that preset) give the largest transient."""
@@ -200,7 +197,7 @@ def block_model(off: Profile, every: Profile, others: list[Profile], k: int) -> 
         depth = off.depth.get(region, 0)
         full, ckpt = off.saved_by_region_per_image.get(region, 0.0), every.saved_by_region_per_image.get(region, 0.0)
         per_block_saving = (full - ckpt) / depth if depth else 0.0
-        saved += full - _ckpt_blocks(depth, k) * per_block_saving
+        saved += full - num_ckpt_blocks(depth, k) * per_block_saving
     transient = max(p.peak_per_image - p.saved_per_image for p in others)
     return replace(off, act_ckpt_every=k, saved_per_image=saved, peak_per_image=saved + transient,
                    peak_fixed=max(p.peak_fixed for p in others), saved_by_region_per_image={},

@@ -142,6 +142,7 @@ def scaling_doc(bench_dir: str | os.PathLike | None = None, comm_path: str | os.
             "| nodes | ranks | micro x accum | global batch | rate (img/s/GPU) | compute ms | comm ms (all / exposed) "
             "| step ms | img/s | steps | hours | GPU-hours |",
             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows: dict[tuple[int, int], object] = {}
     for mb in MICRO_BATCHES:
         for nodes in NODES:
             ranks = nodes * GPUS_PER_NODE
@@ -158,6 +159,7 @@ def scaling_doc(bench_dir: str | os.PathLike | None = None, comm_path: str | os.
                              grad_accum_steps=accum, zero_stage=1)
                 comm_txt = ("not measured" if e.comm_s is None else
                             f"{e.comm_s * 1e3:.1f} / {e.exposed_s * 1e3:.1f}")
+                rows.setdefault((nodes, mb), e)
                 out.append(f"| {nodes} | {ranks} | {mb} x {accum} | {batch:,}{mark} | {r.rate:,.0f} | "
                            f"{e.compute_s * 1e3:.1f} | {comm_txt} | {e.step_s * 1e3:.1f} | {e.images_per_s:,.0f} | "
                            f"{e.steps:,} | {e.wall_s / 3600:,.1f} | {e.gpu_hours:,.0f} |")
@@ -165,6 +167,14 @@ def scaling_doc(bench_dir: str | os.PathLike | None = None, comm_path: str | os.
             "loop's at that micro-batch (ZeRO-1 on one GPU communicates nothing), taken as it is at every node "
             "count." + ("" if run is not None else " Communication is not in these figures until "
                         f"`{comm_file.name}` is measured."), ""]
+    fast, cheap = rows.get((16, 32)), rows.get((4, 128))
+    if fast is not None and cheap is not None:
+        out += ["**The trade-off** (same global batch, lr and schedule): 16 nodes at micro-batch 32 take "
+                f"{fast.wall_s / 3600:,.1f} h for {fast.gpu_hours:,.0f} GPU-hours, 4 nodes at micro-batch 128 "
+                f"{cheap.wall_s / 3600:,.1f} h for {cheap.gpu_hours:,.0f}: {cheap.wall_s / fast.wall_s:.1f}x faster "
+                f"for {fast.gpu_hours / cheap.gpu_hours:.1f}x the GPU-hours, because a GPU does "
+                f"{fast.rate / cheap.rate:.0%} of the work per second at 32 images that it does at 128 "
+                "(`python tools/submit.py --nodes 4 configs/vit_huge.yaml train.micro_batch_size=128`).", ""]
     return "\n".join(out)
 
 
