@@ -63,7 +63,13 @@ class ModelConfig:
     # torch.compile: false; true or "blocks" (each transformer block); "full" (the whole forward + loss);
     # "graphs" (each block, replayed as CUDA graphs)
     compile: Union[bool, Literal["blocks", "full", "graphs"]] = False
-    init_from: str | None = None  # a public MAE ``{"model": ...}`` checkpoint to start from
+    # a weights file to start from: the MAE release's (encoder-only or full) or a timm ViT's state
+    # dict, .pth or .safetensors (README "Start from public weights")
+    init_from: str | None = None
+    init_resample_patch: bool = False  # resample init_from's patch embedding when its patch size differs
+    # Train the decoder alone for the first N steps (the encoder's groups get lr 0, so its weights stay
+    # bitwise unchanged): for a fresh decoder on a loaded encoder (model.init_from). 0 = off.
+    decoder_warmup_steps: int = 0
 
 
 @dataclass
@@ -76,7 +82,9 @@ class DataConfig:
     sizes_file: str | None = None  # default: sizes.json beside the shards
     resampled: bool = False  # infinite stream, shards drawn with replacement
     shuffle_buffer: int = 5000
-    num_workers: int = 8
+    # DataLoader worker processes per rank; auto: the rank's CPU cores (SLURM_CPUS_PER_TASK, else this
+    # process's CPU affinity) minus 2 (the training process and its pin-memory thread), at most 16.
+    num_workers: Union[int, Literal["auto"]] = "auto"
     prefetch_factor: int = 4
     pin_memory: bool = True
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -106,6 +114,10 @@ class OptimConfig:
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (MAE recipe)
+    # Decay cls_token and mask_token, as the MAE release's pre-training does (timm's add_weight_decay:
+    # only 1-D tensors and biases are exempt). false: exempt them too (the fine-tuning recipe's rule,
+    # and maescale's before 2026-12-07; a resumed run keeps the rule its checkpoint was written with).
+    weight_decay_tokens: bool = True
 
 
 @dataclass
@@ -124,8 +136,21 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many consecutive non-finite steps
     peak_tflops: float | None = None  # per-device peak for MFU; None = table by GPU name
     progress_bar: Literal["auto", "on", "off"] = "auto"
-    profile_at: int | None = None  # profile the steps after this many (host/device cost, logged); None = off
+    profile_at: int | None = None  # profile the steps after this many (host/device cost, collectives); None = off
     profile_steps: int = 3
+    # A rank without progress for this long dumps its stacks and exits for a restart (maescale.watchdog).
+    # null: max(300 s, 20 x the median step time); slow phases (first steps, saves, eval) get longer budgets.
+    stall_timeout_s: float | None = None
+    # Roll back to the last good checkpoint and skip the data since it, instead of stopping, when
+    # max_nonfinite_steps is reached or the loss spikes (maescale.control); at most max_rollbacks times.
+    rollback: bool = True
+    max_rollbacks: int = 3
+    spike_factor: float = 3.0  # a log-step loss above this x the running median ...
+    spike_window: int = 50  # ... of the last N log-step losses (armed once N exist) ...
+    spike_patience: int = 3  # ... for this many log steps in a row is a spike
+    # [[after_step, micro_batches], ...]: after optimizer step `after_step`, read and drop that many
+    # micro-batches (per rank) without training on them: skip a bad stretch of data by hand.
+    skip_batches: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +185,9 @@ class DeepSpeedConfig:
     # false: DeepSpeed's own checks. See maescale/optim.py.
     lean_step: Union[bool, Literal["auto"]] = "auto"
     timeout_minutes: float = 30.0  # collective timeout; a dead rank fails the job within it
+    # Elements per gradient bucket (ZeRO-1: maescale's reduce-scatter buckets; ZeRO-2: DeepSpeed's
+    # reduce_bucket_size). auto: about 16 buckets of 1M-64M elements (maescale.optim.auto_bucket_elements).
+    bucket_elements: Union[int, Literal["auto"]] = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -169,7 +197,9 @@ class SlurmConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    cpus_per_task: int = 16
+    # 10 x 8 tasks = 80 CPUs per node: schedules on the common 8-GPU nodes (96-224 CPUs, some kept for
+    # the system); data.num_workers: auto derives the worker count from it.
+    cpus_per_task: int = 10
     mem: str | None = None  # e.g. "0" (all) or "480G"
     time: str = "72:00:00"  # minutes or [D-]HH:MM:SS
     partition: str | None = None
@@ -180,9 +210,23 @@ class SlurmConfig:
     comment: str | None = None
     job_name: str = "maescale"
     signal_delay_s: int = 180
-    max_requeues: int = 50
+    max_requeues: int = 50  # requeues for preemption / time limit
+    # Restarts after a crashed, hung or lost rank (inside the allocation when it can, else a requeue);
+    # a failure that repeats at the same step stops the job instead.
+    max_failures: int = 3
+    exclude_failed_nodes: bool = True  # leave out a host a failure names (by requeueing without it)
     setup: list[str] = field(default_factory=list)  # shell lines run before srun
     additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistributedConfig:
+    """How the processes of a job find each other."""
+
+    # Network interface for NCCL's and gloo's sockets (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME), e.g.
+    # "ib0" or "^docker,lo"; null: the libraries' own choice (NCCL: the first non-loopback interface,
+    # gloo: the address the host name resolves to). Environment values set by the site win.
+    socket_ifname: str | None = None
 
 
 @dataclass
@@ -224,6 +268,7 @@ class Config:
     lock: LockConfig = field(default_factory=LockConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -518,10 +563,12 @@ def validate(cfg: Config) -> None:
         _check(int(num_patches * (1 - m.mask_ratio)) >= 1, "model.mask_ratio", m.mask_ratio,
                f"a ratio that keeps at least one of the {num_patches} patches visible")
     _check(m.act_ckpt_every >= 0, "model.act_ckpt_every", m.act_ckpt_every, "0 (off) or k >= 1 (every k-th block)")
+    _check(bool(m.init_from) or not m.init_resample_patch, "model.init_resample_patch", m.init_resample_patch,
+           "false unless model.init_from names a file to resample")
 
     _check(d.num_samples is None or d.num_samples > 0, "data.num_samples", d.num_samples, "null or a positive integer")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _check(d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers", d.num_workers, "auto or an integer >= 0")
     _check(d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor, "an integer >= 1")
     lo, hi = d.crop_scale
     _check(0.0 < lo <= hi <= 1.0, "data.crop_scale", list(d.crop_scale), "[lo, hi] with 0 < lo <= hi <= 1")
@@ -559,11 +606,23 @@ def validate(cfg: Config) -> None:
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", t.peak_tflops, "null or a positive number")
     _check(t.profile_at is None or t.profile_at >= 0, "train.profile_at", t.profile_at, "null (off) or a step >= 0")
     _check(t.profile_steps >= 1, "train.profile_steps", t.profile_steps, "an integer >= 1")
+    _check(t.stall_timeout_s is None or t.stall_timeout_s > 0, "train.stall_timeout_s", t.stall_timeout_s,
+           "null (automatic) or seconds > 0")
+    _check(t.max_rollbacks >= 0, "train.max_rollbacks", t.max_rollbacks, "an integer >= 0")
+    _check(t.spike_factor > 1, "train.spike_factor", t.spike_factor, "a number > 1")
+    _check(t.spike_window >= 3, "train.spike_window", t.spike_window, "an integer >= 3 (log steps)")
+    _check(t.spike_patience >= 1, "train.spike_patience", t.spike_patience, "an integer >= 1 (log steps)")
+    for i, (after, count) in enumerate(t.skip_batches):
+        _check(after >= 0 and count >= 1, f"train.skip_batches[{i}]", [after, count],
+               "[after_step >= 0, micro_batches >= 1]")
+    _check(m.decoder_warmup_steps >= 0, "model.decoder_warmup_steps", m.decoder_warmup_steps, "an integer >= 0")
 
     _check(c.every_steps >= 0, "checkpoint.every_steps", c.every_steps, "0 (off) or an integer >= 1")
     _check(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "0 (off) or a positive number")
     _check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "an integer >= 1")
     _check(cfg.deepspeed.timeout_minutes > 0, "deepspeed.timeout_minutes", cfg.deepspeed.timeout_minutes, "a positive number")
+    _check(cfg.deepspeed.bucket_elements == "auto" or cfg.deepspeed.bucket_elements >= 1024, "deepspeed.bucket_elements",
+           cfg.deepspeed.bucket_elements, "auto or an integer >= 1024 (elements per gradient bucket)")
     _validate_lean_step(cfg)
     lk = cfg.lock
     _check(lk.wait_s >= 0, "lock.wait_s", lk.wait_s, "seconds >= 0")
@@ -578,10 +637,40 @@ def validate(cfg: Config) -> None:
     _check(s.cpus_per_task >= 1, "slurm.cpus_per_task", s.cpus_per_task, "an integer >= 1")
     _check(s.signal_delay_s >= 0, "slurm.signal_delay_s", s.signal_delay_s, "an integer >= 0 (seconds)")
     _check(s.max_requeues >= 0, "slurm.max_requeues", s.max_requeues, "an integer >= 0")
+    _check(s.max_failures >= 0, "slurm.max_failures", s.max_failures, "an integer >= 0")
+    if cfg.distributed.socket_ifname is not None:
+        _check(bool(cfg.distributed.socket_ifname.strip()) and not any(c.isspace() for c in cfg.distributed.socket_ifname),
+               "distributed.socket_ifname", cfg.distributed.socket_ifname,
+               "null or interface names such as ib0, eth0,eth1 or ^docker,lo (no spaces)")
     try:
         parse_slurm_time(s.time)
     except ValueError as exc:
         raise ConfigError(str(exc), key="slurm.time") from None
+
+
+MAX_AUTO_WORKERS = 16
+
+
+def resolve_num_workers(value: int | str, cpus: int | None = None) -> int:
+    """``data.num_workers`` as a number: ``auto`` -> the rank's cores minus 2 (the training
+    process and its pin-memory thread), 0..:data:`MAX_AUTO_WORKERS`. ``cpus``: the rank's cores
+    (default ``SLURM_CPUS_PER_TASK``, else this process's CPU affinity)."""
+    if value != "auto":
+        return int(value)
+    if cpus is None:
+        env = os.environ.get("SLURM_CPUS_PER_TASK", "")
+        cpus = int(env) if env.isdigit() else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus - 2))
+
+
+def lean_step_applies(cfg: Config) -> bool:
+    """Whether ``cfg`` runs the lean step (the one definition of the rule; maescale.optim and the
+    validation below use it): ``auto`` means ZeRO-1/2 without clipping."""
+    ds = cfg.deepspeed
+    if ds.lean_step == "auto":
+        return ds.zero_stage in (1, 2) and cfg.optim.grad_clip == 0
+    return bool(ds.lean_step)
 
 
 def _validate_lean_step(cfg: Config) -> None:
@@ -603,8 +692,7 @@ def _validate_lean_step(cfg: Config) -> None:
         _check(ds.zero_stage in (1, 2), key, False, f"true with deepspeed.zero_stage={ds.zero_stage} "
                "(DeepSpeed supports it with ZeRO stage 1 or 2 only)")
     bf16 = ds.extra.get("bf16") if isinstance(ds.extra, Mapping) else None
-    if isinstance(bf16, Mapping) and bf16.get("check_grad_overflow") is False and not (
-            ds.lean_step is True or (ds.lean_step == "auto" and ds.zero_stage in (1, 2) and clip == 0)):
+    if isinstance(bf16, Mapping) and bf16.get("check_grad_overflow") is False and not lean_step_applies(cfg):
         _check(False, "deepspeed.extra.bf16.check_grad_overflow", False,
                "true without the lean step (it would let non-finite steps through unchecked); deepspeed.lean_step "
                "turns it off safely for ZeRO-1/2 without clipping")

@@ -15,7 +15,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -99,11 +99,19 @@ def _expand_host(item: str) -> list[str]:
     return out
 
 
+# Job-derived rendezvous ports stay below Linux's default ephemeral range (32768-60999,
+# net.ipv4.ip_local_port_range), where an outgoing connection of any process on the first node
+# could already hold the port, and above the range of well-known services.
+JOB_PORT_BASE = 15000
+JOB_PORT_SPAN = 17000  # 15000-31999
+
+
 def port_for_job(job_id: str | None) -> int:
-    # All tasks of a job must agree on a port without talking; derive it from the job id so two
-    # jobs sharing a first node are unlikely to collide.
+    """The rendezvous port of a job: every task derives the same one from the job id without
+    talking, two jobs sharing a first node rarely collide, and it is never an ephemeral port
+    (``MASTER_PORT`` overrides it)."""
     if job_id and job_id.isdigit():
-        return 20000 + int(job_id) % 20000
+        return JOB_PORT_BASE + int(job_id) % JOB_PORT_SPAN
     return DEFAULT_PORT
 
 
@@ -180,15 +188,30 @@ class DistContext:
     control_group: object  # a gloo ProcessGroup for small CPU-side agreements
 
 
+def set_socket_ifname(ifname: str | None, environ: MutableMapping[str, str] | None = None) -> None:
+    """Point NCCL's and gloo's sockets at ``ifname`` (``distributed.socket_ifname``), unless the
+    site's environment already says where (its value wins)."""
+    env = os.environ if environ is None else environ
+    if ifname:
+        for key in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+            env.setdefault(key, ifname)
+
+
 def init_distributed(device_request: str = "auto", timeout_minutes: float = 30.0,
-                     environ: Mapping[str, str] | None = None) -> DistContext:
+                     environ: Mapping[str, str] | None = None, socket_ifname: str | None = None) -> DistContext:
     """Initialise ``torch.distributed`` (through DeepSpeed) for this process.
 
     ``timeout_minutes`` bounds every collective: if a rank dies, the others fail with an error
-    within it instead of hanging forever.
+    within it instead of hanging forever (the stall watchdog normally ends such a job sooner).
+    The control group is always a gloo group of its own, so that its asynchronous agreements
+    never queue behind (or ahead of) the model's collectives.
     """
     import deepspeed
 
+    from maescale.compat import silence_collective_deprecations
+
+    silence_collective_deprecations()
+    set_socket_ifname(socket_ifname)
     env = detect_env(environ)
     if env.source == "single" and not env.master_port:
         env = DistEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "single")
@@ -206,7 +229,7 @@ def init_distributed(device_request: str = "auto", timeout_minutes: float = 30.0
         init_method = f"file://{tempfile.mkdtemp(prefix='maescale-store-')}/store" if env.world_size == 1 else None
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False, init_method=init_method,
                                    rank=env.rank, world_size=env.world_size)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    control = dist.new_group(backend="gloo", timeout=timeout) if env.world_size > 1 else dist.group.WORLD
     if env.is_main:
         log.info("distributed: %d process(es) on %d node(s) from %s, backend %s, master %s:%d",
                  env.world_size, env.num_nodes, env.source, backend, env.master_addr, env.master_port)
@@ -232,3 +255,12 @@ def shutdown() -> None:
     """Tear down the process group (so the next job in the same process starts clean)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj: object, group: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every rank (a blocking collective: for start-up and rare events)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]

@@ -90,17 +90,69 @@ class StepTimer:
         return out
 
 
+class FinishLine:
+    """When the run will end: the steady-state rate of whole steps by the wall clock (saves,
+    evaluation and data waits included, since the remaining steps pay for them too), measured
+    from the first report of this process on (the first steps compile and fill caches)."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self._mark: tuple[int, float] | None = None  # (step, time) the steady-state window starts at
+
+    def restart(self) -> None:
+        """Forget the rate (after a rollback: the steps are counted again from there)."""
+        self._mark = None
+
+    def update(self, step: int) -> tuple[float, float] | None:
+        """(seconds left, projected end as a Unix time) at ``step``, or None before a rate exists."""
+        now = time.time()
+        if self._mark is None or step <= self._mark[0]:
+            self._mark = (step, now)
+            return None
+        rate = (step - self._mark[0]) / (now - self._mark[1])  # steps per second
+        left = max(0, self.total_steps - step) / rate
+        return left, now + left
+
+
+def format_duration(seconds: float) -> str:
+    """``2d 03h``, ``3h 05m``, ``4m 10s``, ``12s``."""
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s}s"
+
+
 class ProgressLog:
     """What rank 0 reports every ``train.log_every`` steps: one log line, the TensorBoard scalars
-    (loss, lr, grad norm, throughput, MFU, memory, data counters) and the progress bar's text."""
+    (loss, lr, grad norm, throughput, MFU, memory, data counters, time left) and the progress bar's text."""
 
     def __init__(self, tb: TensorBoardLogger, total_steps: int, world_size: int, model_flops: float,
-                 hw_flops: float, peak: float | None, device: torch.device, bar=None):
+                 hw_flops: float, peak: float | None, device: torch.device, bar=None, start_step: int = 0):
         self.tb, self.total_steps, self.world_size = tb, total_steps, world_size
         self.model_flops, self.hw_flops, self.peak = model_flops, hw_flops, peak
         self.device, self.bar = device, bar
         self.timer = StepTimer()
+        self.finish = FinishLine(total_steps)
         self.history: list[dict[str, float | None]] = []  # the figures of every report, with its step
+
+    def resumed(self, step: int) -> None:
+        """The log line of a resume: how much of the run is done, and what is left."""
+        left = self.total_steps - step
+        _progress.info("resumed at step %d of %d: %.1f%% done, %d steps left", step, self.total_steps,
+                       100 * step / max(self.total_steps, 1), left)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (evaluation) out of the throughput of the current interval."""
+        self.timer.start += seconds
+
+    def rolled_back(self, step: int) -> None:
+        """The run went back to ``step``: the interval and the finish line start afresh."""
+        self.timer.reset()
+        self.finish.restart()
 
     def report(self, step: int, loss: float, lr: float, grad_norm: float | None, epoch: int,
                data_stats: Mapping[str, int], extra: Mapping[str, float] | None = None) -> None:
@@ -114,6 +166,10 @@ class ProgressLog:
             values[f"data/{key}"] = float(count)
         if self.device.type == "cuda":
             values["memory/max_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        eta = self.finish.update(step)
+        if eta is not None:
+            values["time/remaining_h"] = eta[0] / 3600
+            values["time/projected_end_unix"] = eta[1]
         self.tb.scalars(step, values)
         self.history.append({"step": float(step), **values})
         mfu = perf["perf/mfu"]
@@ -123,8 +179,12 @@ class ProgressLog:
                 f"step {perf['perf/step_time_s'] * 1000:.0f}ms" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else ""))
         if "memory/max_allocated_gb" in values:
             line += f" mem {values['memory/max_allocated_gb']:.1f}GB"
+        left = ""
+        if eta is not None:
+            left = f"left {format_duration(eta[0])}"
+            line += f" {left}, ends {time.strftime('%Y-%m-%d %H:%M', time.localtime(eta[1]))}"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2g}")
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2g}" + (f" {left}" if left else ""))
         _progress.info(line)
         self.timer.reset()
 

@@ -1,22 +1,16 @@
-"""The optimizer side of training: AdamW with MAE's weight-decay groups, the lr schedule, the
-DeepSpeed JSON and engine, and the optimizer step with its non-finite guard.
+"""The optimizer side of training: AdamW's parameter groups (the MAE release's weight-decay rule,
+cut into gradient buckets), the lr schedule, and the DeepSpeed JSON and engine.
 
 The DeepSpeed JSON is derived from the typed config (:func:`deepspeed_config`), then the raw
 ``deepspeed.extra`` section is merged over it for anything the typed keys do not cover.
 The learning rate is a pure function of the optimizer step (:func:`lr_at`), set on the
 optimizer before every step: nothing about the schedule needs saving to resume exactly.
 
-The lean step (``deepspeed.lean_step``, on by default for ZeRO-1/2 without clipping). DeepSpeed's
-ZeRO-1/2 optimizer checks every gradient for inf/NaN and computes the global grad norm with
-a few kernels per parameter (about 1,000 small ops per step for ViT-H) and a host
-synchronisation, even with clipping off: on a GPU that step is host-bound. The lean step turns
-both off (``bf16.check_grad_overflow: false``, ``zero_optimization.compute_grad_norm: false``) and
-keeps the guarantees with a handful of device-side ops (:class:`OptimizerStep`): at each
-accumulation boundary one multi-tensor norm over this rank's gradient partition, summed over the
-data-parallel ranks, gives the global grad norm (logged at log steps) and the finiteness flag,
-which goes to the fused AdamW as ``found_inf``: a step with non-finite loss or gradients leaves
-weights and Adam state untouched on every rank, without a host sync. Clipping needs the norm
-before the step on the host, and ZeRO-3 keeps its own path: both keep DeepSpeed's own checks.
+The lean step (``deepspeed.lean_step``, on by default for ZeRO-1/2 without clipping) turns off
+DeepSpeed's per-parameter overflow scan and host-side grad norm
+(``bf16.check_grad_overflow: false``, ``zero_optimization.compute_grad_norm: false``); the guard of
+:mod:`maescale.step` keeps their guarantees on the device. With ZeRO-1 the step is maescale's own
+(:class:`maescale.step.FlatZeroStep`), whose gradient buckets are the parameter groups built here.
 """
 
 from __future__ import annotations
@@ -29,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from maescale.config import Config, deep_merge
+from maescale.config import Config, deep_merge, lean_step_applies
 
 log = logging.getLogger(__name__)
 
@@ -85,46 +79,154 @@ def make_schedule(cfg: Config, world_size: int, total_steps: int, steps_per_epoc
     return Schedule(peak_lr(cfg, world_size), cfg.optim.min_lr, min(warmup, total_steps), total_steps)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay on weight matrices only; no decay on biases, norm weights
-    (1-D tensors), position embeddings and cls/mask tokens (``model.no_weight_decay()``)."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: ``blocks.3`` for ``blocks.3.attn.qkv.weight``, else the
+    first component (``patch_embed``, ``norm``, ``cls_token`` ...). Buckets never split a layer."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
 
 
-def param_group_names(model: nn.Module, weight_decay: float) -> dict[str, list[str]]:
+def is_decoder(name: str) -> bool:
+    """Whether a parameter belongs to the MAE decoder (trained alone during decoder warm-up)."""
+    return name.startswith(("decoder_", "mask_token"))
+
+
+def decays(name: str, p: torch.Tensor, decay_tokens: bool = True) -> bool:
+    """The weight-decay rule of the MAE release's pre-training (timm's ``add_weight_decay`` with no
+    skip list): every trainable tensor is decayed except 1-D ones and biases, so ``cls_token`` and
+    ``mask_token`` (1 x 1 x D) are decayed; the fixed sin-cos position tables are buffers, in no
+    group. ``decay_tokens=False`` also exempts the two tokens (the fine-tuning recipe's rule, and
+    maescale's before 2026-12-07: runs started then keep it, see :func:`param_groups`)."""
+    if p.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return decay_tokens or name not in ("cls_token", "mask_token")
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_tokens: bool = True,
+                 bucket_elements: int | None = None, layout: list[dict[str, Any]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """The AdamW parameter groups, which are also ZeRO's flat buffers and, in maescale's ZeRO-1
+    step, the buckets of the gradient reduce-scatter (:mod:`maescale.gradsync`).
+
+    * ``layout`` (a checkpoint's recorded groups: name, decay flag, parameter names): exactly
+      those groups, so a resumed run keeps the partition layout its optimizer state was saved in.
+    * ``bucket_elements`` None: two groups, ``decay`` and ``no_decay`` (the layout of runs before
+      bucketing; still what ZeRO-2/3 and DeepSpeed's own step use).
+    * else buckets in backward order: the decoder's decayed layers from the output down, cut into
+      buckets of at least ``bucket_elements`` at layer boundaries, then the decoder's no-decay
+      group, then the encoder's decayed layers from the top block down, then its no-decay group;
+      encoder and decoder never share a group (decoder warm-up freezes the encoder's groups).
+
+    Each group carries ``name``, ``weight_decay``, ``decay`` and ``part`` ("encoder", "decoder" or
+    "all").
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if layout is not None:
+        return _groups_from_layout(named, layout, weight_decay)
+    if bucket_elements is None:
+        decay = [p for n, p in named if decays(n, p, decay_tokens)]
+        no_decay = [p for n, p in named if not decays(n, p, decay_tokens)]
+        return [_group("decay", decay, weight_decay, True, "all"), _group("no_decay", no_decay, 0.0, False, "all")]
+    groups: list[dict[str, Any]] = []
+    for part in ("decoder", "encoder"):
+        mine = [(n, p) for n, p in named if is_decoder(n) == (part == "decoder")]
+        layers: dict[str, list[torch.Tensor]] = {}
+        for n, p in mine:  # named_parameters order is the forward order of the model's layers
+            if decays(n, p, decay_tokens):
+                layers.setdefault(layer_of(n), []).append(p)
+        bucket: list[torch.Tensor] = []
+        for params in reversed(list(layers.values())):  # backward order
+            bucket += params
+            if sum(p.numel() for p in bucket) >= bucket_elements:
+                groups.append(_group(f"{part}.decay.{len(groups)}", bucket, weight_decay, True, part))
+                bucket = []
+        if bucket:
+            groups.append(_group(f"{part}.decay.{len(groups)}", bucket, weight_decay, True, part))
+        rest = [p for n, p in reversed(mine) if not decays(n, p, decay_tokens)]
+        if rest:
+            groups.append(_group(f"{part}.no_decay", rest, 0.0, False, part))
+    return groups
+
+
+def _group(name: str, params: list[torch.Tensor], weight_decay: float, decay: bool, part: str) -> dict[str, Any]:
+    return {"params": params, "weight_decay": weight_decay if decay else 0.0, "name": name, "decay": decay,
+            "part": part}
+
+
+def _groups_from_layout(named: list[tuple[str, torch.Tensor]], layout: list[dict[str, Any]],
+                        weight_decay: float) -> list[dict[str, Any]]:
+    by_name = dict(named)
+    seen: set[str] = set()
+    groups = []
+    for g in layout:
+        missing = [n for n in g["params"] if n not in by_name]
+        if missing:
+            raise ValueError(f"the checkpoint's parameter group {g['name']!r} names parameters this model does not "
+                             f"have: {missing[:5]}")
+        seen.update(g["params"])
+        groups.append(_group(g["name"], [by_name[n] for n in g["params"]], weight_decay, bool(g["decay"]),
+                             g.get("part", "all")))
+    unplaced = [n for n in by_name if n not in seen]
+    if unplaced:
+        raise ValueError(f"the checkpoint's parameter groups leave out trainable parameters: {unplaced[:5]}")
+    return groups
+
+
+def group_layout(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recordable form of ``groups`` (names instead of tensors), for ``trainer_state.json``."""
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return [{"name": g["name"], "decay": g["decay"], "part": g["part"], "params": [ids[id(p)] for p in g["params"]]}
+            for g in groups]
+
+
+def legacy_layout(model: nn.Module) -> list[dict[str, Any]]:
+    """The groups of checkpoints written before 2026-12-07 (no layout recorded): ``decay`` and
+    ``no_decay``, with ``cls_token`` and ``mask_token`` exempt from decay."""
+    return group_layout(model, param_groups(model, 0.0, decay_tokens=False))
+
+
+def param_group_names(model: nn.Module, weight_decay: float, **kwargs: Any) -> dict[str, list[str]]:
     """Names of the parameters in each group of :func:`param_groups` (for tests and logs)."""
     ids = {id(p): n for n, p in model.named_parameters()}
-    return {g["name"]: [ids[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay)}
+    return {g["name"]: [ids[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay, **kwargs)}
 
 
-def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+def resolve_bucket_elements(cfg: Config, model: nn.Module) -> int | None:
+    """Elements per gradient bucket for this run (None: no bucketing, the two-group layout)."""
+    if not lean_step_enabled(cfg) or cfg.deepspeed.zero_stage != 1:
+        return None
+    b = cfg.deepspeed.bucket_elements
+    if b != "auto":
+        return int(b)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return auto_bucket_elements(total)
+
+
+def auto_bucket_elements(params: int) -> int:
+    """``deepspeed.bucket_elements: auto``: about 16 buckets, each at least 1M and at most 64M
+    elements. Fewer, larger buckets pay less per-call latency; more, smaller ones leave less of
+    the reduce-scatter after backward (the last bucket is always exposed). bench/SCALING.md
+    shows the trade-off from the measured collectives."""
+    return int(min(64_000_000, max(1_000_000, params // 16)))
+
+
+def build_optimizer(model: nn.Module, cfg: Config, lr: float,
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
     """Client AdamW with fused kernels (on GPU and CPU): one launch per group instead of several
     per parameter, and the ``found_inf`` input that the lean step needs."""
-    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=lr, betas=cfg.optim.betas,
-                             eps=cfg.optim.eps, fused=True)
+    groups = groups if groups is not None else param_groups(model, cfg.optim.weight_decay,
+                                                            decay_tokens=cfg.optim.weight_decay_tokens)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
 
 
 def lean_step_enabled(cfg: Config) -> bool:
-    """Whether this config runs the lean ZeRO step (see the module docstring)."""
-    if cfg.deepspeed.lean_step == "auto":
-        return cfg.deepspeed.zero_stage in (1, 2) and cfg.optim.grad_clip == 0
-    return bool(cfg.deepspeed.lean_step)
+    """Whether this config runs the lean ZeRO step (the rule lives in :func:`maescale.config.lean_step_applies`)."""
+    return lean_step_applies(cfg)
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this config, with ``deepspeed.extra`` merged over it."""
+def deepspeed_config(cfg: Config, world_size: int, bucket_elements: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this config, with ``deepspeed.extra`` merged over it
+    (``bucket_elements``: ZeRO-2's reduce bucket, :func:`resolve_bucket_elements`)."""
     t = cfg.train
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -138,12 +240,19 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
     }
     if cfg.deepspeed.zero_stage == 1:
-        # Stage 1 keeps whole gradients anyway: copying each one into a contiguous bucket first
-        # only adds a copy kernel (and host ops) per parameter and step (tiny preset: 2,885 -> 2,248 ops).
-        ds["zero_optimization"]["contiguous_gradients"] = False
-    if cfg.deepspeed.zero_stage >= 2:
+        # Stage 1 keeps whole gradients. No gradient hooks of DeepSpeed's (overlap_comm and
+        # contiguous_gradients off): maescale's ZeRO-1 step reduces the gradients itself
+        # (maescale.gradsync), and with DeepSpeed's own step (lean_step=false) the contiguous copy
+        # would only add a copy per parameter and step.
+        ds["zero_optimization"].update({"contiguous_gradients": False, "overlap_comm": False})
+    if cfg.deepspeed.zero_stage == 2:
+        # Gradients reduced from backward hooks in buckets (overlap_comm), each bucket's slices
+        # reduced to the ranks that own them: with use_multi_rank_bucket_allreduce (DeepSpeed's
+        # default) every bucket is all-reduced whole instead, twice the bytes (stage_1_and_2.py:
+        # average_tensor). The bucket size is deepspeed.bucket_elements.
         ds["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True,
-                                        "reduce_bucket_size": 5e8})
+                                        "reduce_bucket_size": bucket_elements or 5e8,
+                                        "use_multi_rank_bucket_allreduce": False})
     if cfg.deepspeed.zero_stage == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
     if lean_step_enabled(cfg):
@@ -152,97 +261,33 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return deep_merge(ds, cfg.deepspeed.extra)
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.device):
-    """``deepspeed.initialize`` with the client AdamW; returns the engine (optimizer inside)."""
+@dataclass
+class Engine:
+    """The DeepSpeed engine and the parameter groups it was built with."""
+
+    engine: Any
+    groups: list[dict[str, Any]]  # recordable layout (:func:`group_layout`)
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.device,
+                 layout: list[dict[str, Any]] | None = None) -> Engine:
+    """``deepspeed.initialize`` with the client AdamW over :func:`param_groups` (``layout``: a
+    resumed checkpoint's groups, which win over the config's bucketing)."""
     import deepspeed
 
     model.to(device)
-    optimizer = build_optimizer(model, cfg, lr=peak_lr(cfg, world_size))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size))
-    return engine
+    bucket = resolve_bucket_elements(cfg, model)
+    groups = param_groups(model, cfg.optim.weight_decay, decay_tokens=cfg.optim.weight_decay_tokens,
+                          bucket_elements=bucket if cfg.deepspeed.zero_stage == 1 else None, layout=layout)
+    recorded = group_layout(model, groups)
+    optimizer = build_optimizer(model, cfg, lr=peak_lr(cfg, world_size), groups=groups)
+    ds_config = deepspeed_config(cfg, world_size, bucket if cfg.deepspeed.zero_stage == 2 else None)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return Engine(engine, recorded)
 
 
-@dataclass
-class StepHealth:
-    """Non-finite steps as read at a log step (one host sync): totals since the start of this
-    process, the streak ending at the last step, and the longest streak since the last read."""
-
-    skipped_total: int
-    streak: int
-    worst_streak: int
-    new: int  # skipped since the previous read
-
-
-class OptimizerStep:
-    """The optimizer step of the loop: ``engine.step()``, plus the non-finite accounting.
-
-    Call :meth:`step` after every ``engine.backward`` (DeepSpeed steps at the accumulation
-    boundary). With ``lean`` (ZeRO-1/2, see the module docstring) the finiteness flag and the grad
-    norm are computed here, on the device; otherwise DeepSpeed's own check decides and its norm is
-    reported. The counters live on the device and are read by :meth:`read` at log steps.
-    """
-
-    def __init__(self, engine, lean: bool, device: torch.device):
-        self.engine, self.lean = engine, lean
-        self.zero = engine.optimizer
-        if lean:
-            client = getattr(self.zero, "optimizer", None)
-            if not hasattr(self.zero, "averaged_gradients") or not getattr(client, "defaults", {}).get("fused"):
-                raise RuntimeError("deepspeed.lean_step needs DeepSpeed's ZeRO-1/2 optimizer around a fused AdamW")
-            self.client = client
-            self.client.found_inf = torch.zeros((), device=device)
-        self._sq_norm: torch.Tensor | None = None
-        self._skipped = torch.zeros((), device=device)
-        self._counts = torch.zeros(3, device=device)  # total, streak, worst streak since the last read
-        self._read_total = 0
-
-    def step(self) -> None:
-        """``engine.step()``; at an accumulation boundary also check and count the step."""
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and self.lean:
-            self._check_gradients()
-        self.engine.step()
-        if boundary:
-            skipped = self.client.found_inf if self.lean else self._host_flag(not self.engine.was_step_applied())
-            total, streak, worst = self._counts.unbind()
-            streak = (streak + skipped) * skipped  # back to 0 on an applied step
-            self._counts = torch.stack([total + skipped, streak, torch.maximum(worst, streak)])
-
-    def _check_gradients(self) -> None:
-        import torch.distributed as dist
-
-        # This rank's partition of the averaged gradients, as DeepSpeed's own check reads it.
-        grads = [g for i in sorted(self.zero.averaged_gradients)
-                 for g in (self.zero.averaged_gradients[i] or []) if g is not None]
-        if not grads:
-            raise RuntimeError("deepspeed.lean_step: DeepSpeed holds no gradients at the accumulation boundary")
-        sq = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).float().square()
-        if dist.is_initialized() and dist.get_world_size(self.zero.dp_process_group) > 1:
-            dist.all_reduce(sq, group=self.zero.dp_process_group)  # on the device stream: no host sync
-        self._sq_norm = sq
-        # A NaN/inf anywhere makes the sum non-finite; the fused AdamW then skips every group.
-        self.client.found_inf = (~torch.isfinite(sq)).float()
-
-    def _host_flag(self, value: bool) -> torch.Tensor:
-        return self._skipped.fill_(float(value)).clone()
-
-    def grad_norm(self) -> float | None:
-        """The global grad norm of the last optimizer step (a host sync: call at log steps)."""
-        if not self.lean:
-            norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else None
-        return None if self._sq_norm is None else float(self._sq_norm.sqrt())
-
-    def read(self) -> StepHealth:
-        """The non-finite counters (a host sync: call at log steps); resets the worst streak."""
-        total, streak, worst = (int(x) for x in self._counts.tolist())
-        self._counts[2] = self._counts[1]
-        health = StepHealth(total, streak, worst, total - self._read_total)
-        self._read_total = total
-        return health
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, frozen_part: str | None = None) -> None:
+    """Set the learning rate of every parameter group; groups of ``frozen_part`` ("encoder")
+    get 0 (decoder warm-up: with lr 0 AdamW leaves those weights bitwise unchanged)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = 0.0 if frozen_part is not None and group.get("part") == frozen_part else lr

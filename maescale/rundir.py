@@ -25,6 +25,7 @@ crash) never sees half a file. ``os.replace`` of our own outputs appears nowhere
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -231,7 +232,8 @@ class RunLockLost(RuntimeError):
 
 def job_identity() -> str:
     """What identifies this job across its ranks and requeues: the SLURM job id (a requeued job
-    keeps it), submitit's local job id, else this host and the launcher's process id."""
+    keeps it), submitit's local job id, else this host and the launcher's process id. The SLURM
+    restart count and step id are recorded beside it (:func:`slurm_position`)."""
     env = os.environ
     if env.get("SLURM_JOB_ID"):
         array = env.get("SLURM_ARRAY_JOB_ID")
@@ -240,6 +242,15 @@ def job_identity() -> str:
         return f"local:{socket.gethostname()}:{env['SUBMITIT_LOCAL_JOB_ID']}"
     launcher = env.get("TORCHELASTIC_RUN_ID") and os.getppid()  # torchrun: the agent is the job
     return f"pid:{socket.gethostname()}:{launcher or os.getpid()}"
+
+
+def slurm_position() -> tuple[int | None, str | None]:
+    """(``SLURM_RESTART_COUNT``, ``SLURM_STEP_ID``) of this process: a requeue raises the first, every
+    ``srun`` of an allocation gets its own second (None outside SLURM)."""
+    env = os.environ
+    if not env.get("SLURM_JOB_ID"):
+        return None, None
+    return int(env.get("SLURM_RESTART_COUNT") or 0), env.get("SLURM_STEP_ID")
 
 
 def _process_start(pid: int) -> str | None:
@@ -268,29 +279,69 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+class _Unreadable:
+    """A lock file that exists but holds no owner record (empty after a crash before its data
+    reached the disk, truncated, ``touch``ed, another program's): its identity is its bytes."""
+
+    def __init__(self, raw: bytes, problem: str):
+        self.raw, self.problem = raw, problem
+
+
+def _read_lock(path: Path) -> dict[str, Any] | _Unreadable | None:
+    """The owner record at ``path``; :class:`_Unreadable` if the file holds none; None if there
+    is no file (released, or being replaced by a takeover right now). Raises ``OSError`` when
+    the file system fails to answer."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return _Unreadable(raw, "empty" if not raw else f"not an owner record ({len(raw)} bytes)")
+    return data if isinstance(data, dict) and "token" in data else _Unreadable(raw, "not an owner record")
+
+
+# errno values of a file system that has no hard links (os.link refused rather than failed)
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
+
+
 class RunLock:
     """The lock of one run directory, held by one job (taken and heartbeaten by its rank 0).
 
-    The lock is ``RUN/lock``, an owner record (job, host, pid, start time, maescale version, a random
-    token) that appears by an atomic ``link`` of a finished file: the primitive that works where
-    ``flock`` does not (NFS, Lustre). While the job runs, a daemon thread of rank 0 rewrites
-    ``RUN/lock.heartbeat`` (token and a counter) every ``heartbeat_s``; staleness is judged by a
-    waiter on its own clock (the counter did not move for ``stale_s``), so clock skew between hosts
-    does not matter. A job that finds the lock held waits up to ``wait_s`` (the old job may be
-    saving on its way out) and takes it over when the owner is gone: its heartbeat stopped, or its
-    pid is dead on this host, or the owner is this very job (a SLURM requeue keeps the job id), or
-    ``takeover`` was asked for. A takeover renames the old record away first (one renamer wins),
-    then creates the lock as usual. The holder checks at every beat that the lock is still its own
-    and reports a takeover through :attr:`lost`.
+    The lock is ``RUN/lock``, an owner record (job, SLURM restart count and step, host, pid,
+    start time, maescale version, a random token) that appears by an atomic ``link`` of a
+    finished, fsynced file: the primitive that works where ``flock`` does not (NFS, Lustre); on a
+    file system without hard links, an exclusive create (``O_EXCL``) instead. While the job runs,
+    a daemon thread of rank 0 rewrites ``RUN/lock.heartbeat`` (token and a counter) every
+    ``heartbeat_s``; staleness is judged by a waiter on its own clock (the counter did not move
+    for ``stale_s``), so clock skew between hosts does not matter. A job that finds the lock held
+    waits up to ``wait_s`` (the old job may be saving on its way out) and takes it over when the
+    owner is gone: its heartbeat stopped, or its pid is dead on this host, or the owner is this
+    very job before a requeue (the same SLURM job id, a lower restart count), or ``takeover`` was
+    asked for. A lock file without a readable record is judged the same way by its bytes (stale
+    when they do not change for ``stale_s``). A takeover renames the old record away first (one
+    renamer wins), then creates the lock as usual.
+
+    The holder checks at every beat that the lock is still its own: only ``lost_after``
+    consecutive reads showing ANOTHER owner's record make :attr:`lost` true (a failed read, or no
+    file during a takeover's rename, is logged and beaten through). A checkpoint commit calls
+    :meth:`check_held` first (the fence): a job that lost the lock publishes nothing.
     """
 
     def __init__(self, run: RunDir, job: str | None = None, *, wait_s: float = 300, stale_s: float = 60,
-                 heartbeat_s: float = 10, takeover: bool = False, poll_s: float = 1.0, version: str = ""):
+                 heartbeat_s: float = 10, takeover: bool = False, poll_s: float = 1.0, version: str = "",
+                 lost_after: int = 3, restart: int | None = None, step: str | None = None):
         self.run, self.job = run, job or job_identity()
+        position = slurm_position() if job is None else (None, None)
+        self.restart = restart if restart is not None else position[0]
+        self.slurm_step = step if step is not None else position[1]
         self.wait_s, self.stale_s, self.heartbeat_s = wait_s, stale_s, heartbeat_s
         self.takeover, self.poll_s, self.version = takeover, poll_s, version
+        self.lost_after = lost_after
         self.token = ""
         self.lost = False
+        self.took_over = False  # this job took the lock from a holder that may still be alive (see clean_partials)
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
@@ -303,8 +354,12 @@ class RunLock:
         return self.run.path / HEARTBEAT
 
     def owner(self) -> dict[str, Any] | None:
-        """The current owner record (None when the lock is free or being replaced)."""
-        return _read_json(self.path)
+        """The current owner record (None when the lock is free, being replaced, or unreadable)."""
+        try:
+            found = _read_lock(self.path)
+        except OSError:
+            return None
+        return found if isinstance(found, dict) else None
 
     # ---------------------------------------------------------------- taking it
     def acquire(self, log: Any = None) -> float:
@@ -312,45 +367,71 @@ class RunLock:
         Raises :class:`RunLocked` naming the holder when it stays held for ``wait_s``."""
         self.run.path.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        seen: tuple[str, Any] | None = None  # (token, heartbeat) last observed, and since when
+        seen: Any = object()  # what was last observed of the holder, and since when
         seen_since = t0
         told = False
         while True:
             if self._create():
                 self._start_heartbeat()
                 return time.monotonic() - t0
-            owner = self.owner()
-            if owner is None:  # released or being replaced right now
-                time.sleep(min(self.poll_s, 0.2))
-                continue
-            beat = _read_json(self.heartbeat_path) or {}
-            observed = (owner.get("token"), beat.get("beat") if beat.get("token") == owner.get("token") else None)
+            try:
+                found = _read_lock(self.path)
+            except OSError as exc:
+                found = _Unreadable(b"", f"unreadable ({exc})")
+            if found is None:
+                observed: Any = None  # released, or a takeover is renaming it: try again soon
+            elif isinstance(found, _Unreadable):
+                observed = ("unreadable", found.raw)
+            else:
+                beat = _read_json(self.heartbeat_path) or {}
+                observed = (found.get("token"), beat.get("beat") if beat.get("token") == found.get("token") else None)
             if observed != seen:
                 seen, seen_since = observed, time.monotonic()
-            reason = self._stale_reason(owner, time.monotonic() - seen_since)
-            if reason is not None:
-                if log is not None:
-                    log.warning("taking over the run directory %s from %s: %s", self.run.path, describe_owner(owner),
-                                reason)
-                self._break(owner)
-                continue
+            if found is not None:
+                reason = self._stale_reason(found, time.monotonic() - seen_since)
+                if reason is not None:
+                    if log is not None:
+                        log.warning("taking over the run directory %s from %s: %s", self.run.path,
+                                    self._describe(found), reason)
+                    self._break(found)
+                    # A dead process, or this job before its requeue, writes nothing more; a holder
+                    # judged by a silent heartbeat or taken over by request may still be alive.
+                    self.took_over = not reason.startswith(("its process", "it is this job"))
+                    continue
             waited = time.monotonic() - t0
             if waited >= self.wait_s:
+                holder = "a lock that is being replaced" if found is None else self._describe(found)
                 raise RunLocked(
-                    f"run directory {self.run.path} is held by {describe_owner(owner)}; waited {waited:.0f} s "
+                    f"run directory {self.run.path} is held by {holder}; waited {waited:.0f} s "
                     f"(lock.wait_s={self.wait_s:g}). Wait for that job to finish (or scancel it); if it is gone, "
                     f"start with lock.takeover=true")
-            if not told and log is not None:
+            if not told and log is not None and found is not None:
                 log.warning("run directory %s is held by %s: waiting up to %g s for it to be released (lock.wait_s)",
-                            self.run.path, describe_owner(owner), self.wait_s)
+                            self.run.path, self._describe(found), self.wait_s)
                 told = True
-            time.sleep(self.poll_s)
+            time.sleep(min(self.poll_s, 0.2) if found is None else self.poll_s)
 
-    def _stale_reason(self, owner: dict[str, Any], unchanged_s: float) -> str | None:
-        if owner.get("job") == self.job:
-            return "it is this job's own lock (requeued or restarted)"
+    def _describe(self, found: dict[str, Any] | _Unreadable) -> str:
+        if isinstance(found, _Unreadable):
+            return f"a lock file {self.path} with no readable owner record ({found.problem})"
+        return describe_owner(found)
+
+    def _stale_reason(self, owner: dict[str, Any] | _Unreadable, unchanged_s: float) -> str | None:
         if self.takeover:
             return "lock.takeover=true"
+        if isinstance(owner, _Unreadable):
+            if unchanged_s >= self.stale_s:
+                return f"it has not changed for {unchanged_s:.0f} s (lock.stale_s={self.stale_s:g})"
+            return None
+        if owner.get("job") == self.job:
+            theirs, mine = owner.get("restart"), self.restart
+            if theirs is None or mine is None:
+                return "it is this job's own lock (requeued or restarted)"
+            if theirs < mine:
+                return f"it is this job's own lock from before its requeue (restart {theirs} -> {mine})"
+            if theirs == mine and owner.get("step") == self.slurm_step:
+                return "it is this job step's own lock"
+            # another srun step of the same allocation: alive or not is decided below
         if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and \
                 not _pid_alive(owner["pid"], owner.get("pid_start")):
             return f"its process {owner['pid']} on this host is gone"
@@ -358,22 +439,32 @@ class RunLock:
             return f"its heartbeat has not moved for {unchanged_s:.0f} s (lock.stale_s={self.stale_s:g})"
         return None
 
+    def _record(self, token: str) -> bytes:
+        return json.dumps({"job": self.job, "restart": self.restart, "step": self.slurm_step,
+                           "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "maescale_version": self.version,
+                           "token": token, "heartbeat_s": self.heartbeat_s}).encode()
+
     def _create(self) -> bool:
         import uuid
 
         token = uuid.uuid4().hex
-        record = {"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
-                  "pid_start": _process_start(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "maescale_version": self.version, "token": token, "heartbeat_s": self.heartbeat_s}
+        data = self._record(token)
         tmp = temp_path(self.path)
-        tmp.write_text(json.dumps(record))
+        with open(tmp, "wb") as f:  # the record reaches the disk before it can become the lock
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.link(tmp, self.path)  # atomic, and fails if the lock exists (NFS-safe, unlike O_EXCL on old NFS)
             won = True
         except FileExistsError:
             won = False
-        except OSError:  # NFS may lose the reply of a link that succeeded: its count tells
-            won = tmp.stat().st_nlink == 2
+        except OSError as exc:
+            if exc.errno in _NO_LINKS:  # no hard links here: an exclusive create instead
+                won = self._create_exclusive(data)
+            else:  # NFS may lose the reply of a link that succeeded: its count tells
+                won = tmp.stat().st_nlink == 2
         finally:
             tmp.unlink(missing_ok=True)
         if won:
@@ -381,15 +472,33 @@ class RunLock:
             fsync_dir(self.run.path)
         return won
 
-    def _break(self, owner: dict[str, Any]) -> None:
+    def _create_exclusive(self, data: bytes) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _break(self, owner: dict[str, Any] | _Unreadable) -> None:
         """Move a stale owner's record away (only one of several racing takers succeeds)."""
-        aside = self.run.path / f".{LOCK}.stale-{owner.get('token', 'x')}-{os.getpid()}"
+        tag = owner.get("token", "x") if isinstance(owner, dict) else "unreadable"
+        aside = self.run.path / f".{LOCK}.stale-{tag}-{os.getpid()}-{os.urandom(2).hex()}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        moved = _read_json(aside) or {}
-        if moved.get("token") != owner.get("token"):  # it changed under us: put the new owner back
+        try:
+            moved = _read_lock(aside)
+        except OSError:
+            moved = None
+        same = (isinstance(owner, dict) and isinstance(moved, dict) and moved.get("token") == owner.get("token")) or \
+            (isinstance(owner, _Unreadable) and isinstance(moved, _Unreadable) and moved.raw == owner.raw)
+        if not same:  # it changed under us: put the new owner back
             try:
                 os.link(aside, self.path)
             except OSError:
@@ -407,18 +516,59 @@ class RunLock:
         write_json_atomic(self.heartbeat_path, {"token": self.token, "beat": n, "time": time.time()})
 
     def _beat_loop(self) -> None:
-        n = 0
+        import logging
+
+        log = logging.getLogger("maescale.rundir")
+        n, strikes, troubled = 0, 0, False
         assert self._stop is not None
         while not self._stop.wait(self.heartbeat_s):
-            owner = self.owner()
-            if owner is None or owner.get("token") != self.token:
-                self.lost = True
-                return
+            try:
+                found = _read_lock(self.path)
+            except OSError as exc:
+                found = exc
+            if isinstance(found, dict) and found.get("token") != self.token:
+                strikes += 1
+                if strikes >= self.lost_after:
+                    log.error("the run directory's lock now belongs to %s: this job stops without writing",
+                              describe_owner(found))
+                    self.lost = True
+                    return
+                continue
+            strikes = 0
+            if not isinstance(found, dict):  # a failed read, or a takeover's rename in flight
+                if not troubled:
+                    log.warning("could not read the run directory's lock %s (%s); still beating", self.path,
+                                found if isinstance(found, OSError) else "no owner record")
+                    troubled = True
+            else:
+                troubled = False
             n += 1
             try:
                 self._beat(n)
             except OSError:  # a full or flaky filesystem: the next beat tries again
                 pass
+
+    def check_held(self, tries: int = 3, pause_s: float = 0.2) -> None:
+        """The fence of a checkpoint commit: raise :class:`RunLockLost` if another job owns the
+        lock (or this holder saw it lost), ``OSError`` if that cannot be told (the save fails and
+        is retried)."""
+        if self.lost:
+            raise RunLockLost(f"the lock of {self.run.path} was taken over by another job")
+        problem = "no lock file"
+        for i in range(tries):
+            try:
+                found = _read_lock(self.path)
+            except OSError as exc:
+                found, problem = None, str(exc)
+            if isinstance(found, dict):
+                if found.get("token") == self.token:
+                    return
+                raise RunLockLost(f"the lock of {self.run.path} now belongs to {describe_owner(found)}; this job "
+                                  "publishes nothing more")
+            if isinstance(found, _Unreadable):
+                problem = found.problem
+            time.sleep(pause_s * (i + 1))
+        raise OSError(f"cannot confirm that this job still holds {self.path} ({problem}); not publishing")
 
     def release(self) -> None:
         """Stop the heartbeat and free the lock (only if it is still this job's)."""
@@ -435,7 +585,10 @@ class RunLock:
 
 def describe_owner(owner: dict[str, Any]) -> str:
     """``job slurm:123 (host node01, pid 4242, since ...)`` for messages."""
-    return (f"job {owner.get('job', '?')} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
+    where = ""
+    if owner.get("restart") is not None or owner.get("step") is not None:
+        where = f", restart {owner.get('restart')}, step {owner.get('step')}"
+    return (f"job {owner.get('job', '?')} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')}{where}, "
             f"since {owner.get('started', '?')}, maescale {owner.get('maescale_version', '?')})")
 
 

@@ -31,7 +31,7 @@ def test_slurm_env_multi_node():
     })
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (13, 32, 5, 8)
     assert env.master_addr == "node001" and env.num_nodes == 4 and env.source == "slurm"
-    assert 20000 <= env.master_port < 40000
+    assert 1024 < env.master_port < 32768
     same_job = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "32", "SLURM_JOB_ID": "123456",
                            "SLURM_JOB_NODELIST": "node[001-003,007]", "SLURM_TASKS_PER_NODE": "8(x4)"})
     assert same_job.master_port == env.master_port and same_job.local_world_size == 8
@@ -53,3 +53,28 @@ def test_torchrun_env_wins():
 def test_single_process():
     env = detect_env({})
     assert (env.rank, env.world_size, env.source) == (0, 1, "single")
+
+
+def test_job_ports_never_fall_in_the_ephemeral_range():
+    """Linux hands out 32768-60999 to outgoing connections (net.ipv4.ip_local_port_range): a
+    rendezvous port there can already be taken on the first node. Every job id maps below it."""
+    from maescale.distributed import port_for_job
+
+    ports = {port_for_job(str(j)) for j in range(0, 200_000, 7)}
+    assert min(ports) >= 10_000 and max(ports) < 32_768
+    assert len(ports) > 15_000  # spread: two jobs on one first node rarely collide
+    assert port_for_job("123456") == port_for_job("123456")
+
+
+def test_socket_interface_reaches_nccl_and_gloo_unless_the_site_set_it():
+    from maescale.distributed import set_socket_ifname
+
+    env: dict[str, str] = {}
+    set_socket_ifname("ib0", env)
+    assert env == {"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0"}
+    site = {"NCCL_SOCKET_IFNAME": "eth2"}
+    set_socket_ifname("ib0", site)
+    assert site == {"NCCL_SOCKET_IFNAME": "eth2", "GLOO_SOCKET_IFNAME": "ib0"}
+    untouched: dict[str, str] = {}
+    set_socket_ifname(None, untouched)
+    assert untouched == {}

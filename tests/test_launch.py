@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from maescale.distributed import port_for_job
 from maescale.config import load_config
 from maescale.exitcodes import PREEMPTED as EXIT_PREEMPTED
 from maescale.launch.job import TrainJob, _ignore_late_signal, prepare_dist_env, read_requeues, record_requeue
@@ -306,15 +307,21 @@ def test_names_and_paths_with_quotes_are_passed_safely(tmp_path, fake_slurm, cap
     opts = sbatch_options(script)
     assert opts["job-name"] == name and opts["comment"] == evil
     assert opts["output"] == f"{out}/slurm/%j_0_log.out"
-    # Run the script as the batch shell would: the fake srun records the argv it gets.
+    # The batch shell runs submitit's entry point directly (no srun: the job's supervisor starts
+    # the training steps itself); its command line parses back to exactly the run's folder.
+    command = script.split("# command\n", 1)[1].splitlines()
+    assert command[0] == "export SUBMITIT_EXECUTOR=slurm"
+    assert shlex.split(command[1]) == [sys.executable, "-u", "-m", "submitit.core._submit", f"{out}/slurm"]
+    # The supervisor's srun is an argument list (no shell): the same path reaches srun intact.
+    from maescale.launch.supervisor import SlurmJob, srun_command
+
+    job = SlurmJob("12345", 0, nodes=2, tasks_per_node=8, cpus_per_task=12, gpus_per_node=8)
+    argv = srun_command(job, out / "slurm" / "job_12345.yaml", out / "slurm")
+    assert argv[argv.index("--output") + 1] == f"{out}/slurm/%j_rank%t.out"
+    assert argv[-1] == f"{out}/slurm/job_12345.yaml"
     work = tmp_path / "exec"
     work.mkdir()
-    proc = subprocess.run(["bash", str(fake_slurm.root / "sbatch_0.sh")], cwd=work, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    (srun_argv,) = fake_slurm.calls("srun")
-    assert srun_argv[:5] == ["--unbuffered", "--output", f"{out}/slurm/%j_%t_log.out", "--error",
-                             f"{out}/slurm/%j_%t_log.err"]
-    assert srun_argv[5:] == [sys.executable, "-u", "-m", "submitit.core._submit", f"{out}/slurm"]
+    subprocess.run(["bash", "-c", f"cd {shlex.quote(str(work))}; set -- {shlex.join(argv)}; true"], check=True)
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
     assert load_config(out / "config.yaml").slurm.job_name == name
 
@@ -350,7 +357,7 @@ def test_dist_env_from_slurm_variables_ignores_inherited_torchrun_ones():
                "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     env = prepare_dist_env(environ)
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.num_nodes) == (13, 32, 5, 8, 4)
-    assert env.master_addr == "node001" and env.master_port == 20000 + 123456 % 20000 and env.source == "slurm"
+    assert env.master_addr == "node001" and env.master_port == port_for_job("123456") and env.source == "slurm"
     assert "RANK" not in environ and "WORLD_SIZE" not in environ
 
 
@@ -362,7 +369,7 @@ def test_dist_env_from_submitit_local_executor():
         envs.append(prepare_dist_env(environ))
         assert environ["RANK"] == str(rank) and environ["WORLD_SIZE"] == "2"
     assert [(e.rank, e.world_size, e.local_rank) for e in envs] == [(0, 2, 0), (1, 2, 1)]
-    assert {(e.master_addr, e.master_port) for e in envs} == {("127.0.0.1", 20000 + 31337 % 20000)}
+    assert {(e.master_addr, e.master_port) for e in envs} == {("127.0.0.1", port_for_job("31337"))}
 
 
 @pytest.fixture

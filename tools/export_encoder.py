@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="model preset of a .pth file (default: inferred from its shapes)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="load the written file into timm and compare its features with maescale's encoder "
-                             "(tolerances: see maescale/export.py; they are recorded in FILE.json) (default: on)")
+                             "(tolerances: see maescale/export/verify.py; recorded in FILE.json) (default: on)")
     parser.add_argument("--min-cosine", type=float,
                         help="threshold of the resampling check's cosine similarities (default: "
                              "maescale.export.MIN_COSINE, 0.95)")

@@ -150,12 +150,16 @@ class CheckpointManager:
     """Saves and restores checkpoints of one run directory for one process of the job."""
 
     def __init__(self, output_dir: str | os.PathLike, rank: int, world_size: int, keep_last: int,
-                 control_group: object = None, config_yaml: str | None = None):
+                 control_group: object = None, config_yaml: str | None = None, fence: Any = None):
         self.run = RunDir(output_dir)
         self.root = self.run.checkpoints
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.group = control_group
         self.config_yaml = config_yaml
+        # The run lock (rank 0's): a commit checks that this job still holds it, so a job that lost
+        # the run directory to another never publishes a checkpoint or moves 'latest'.
+        self.fence = fence
+        self.param_groups: list[dict[str, Any]] | None = None  # the optimizer's group layout, recorded
 
     # ---------------------------------------------------------------- save
     def save(self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
@@ -181,29 +185,44 @@ class CheckpointManager:
         self._together(f"commit checkpoint {tag}", self._commit if self.rank == 0 else _nothing, partial, final)
         if self.rank == 0:
             self._prune()
-            log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, _dir_bytes(final) / 1e6)
+            log.info("checkpoint %s written in %.1fs (%.1f MB)", final, time.monotonic() - t0, dir_bytes(final) / 1e6)
         return final
 
     def save_training(self, engine, step: int, cfg: Any, total_steps: int, epoch: int, data_state: dict[str, Any],
-                      mask_gen: torch.Generator) -> Path:
+                      mask_gen: torch.Generator, stream_pos: int | None = None,
+                      data_skips: list[dict[str, Any]] | None = None) -> Path:
         """:meth:`save` with maescale's training state: the facts a resume (or a resize) checks in
-        ``trainer_state.json``, and this rank's RNG states and data position."""
+        ``trainer_state.json`` (with the optimizer's parameter-group layout, which a resume must
+        rebuild exactly, the stream position and the skipped data windows), and this rank's RNG
+        states and data position."""
         trainer = {"epoch": epoch, "total_steps": total_steps, "model": cfg.model.name,
                    "maescale_version": __version__, "zero_stage": cfg.deepspeed.zero_stage,
-                   "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+                   "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+                   "weight_decay_tokens": cfg.optim.weight_decay_tokens,
+                   "stream_pos": stream_pos if stream_pos is not None else step * cfg.train.grad_accum_steps,
+                   "data_skips": data_skips or []}
+        if self.param_groups is not None:
+            trainer["param_groups"] = self.param_groups
         return self.save(engine, step, trainer, {"rng": capture_rng(mask_gen), "data": data_state})
 
     def _together(self, what: str, fn, *args: Any) -> None:
         """Run ``fn`` on this rank, then agree with every rank on whether all succeeded: a failure
-        anywhere raises everywhere (the failing rank re-raises its own error)."""
+        anywhere raises everywhere (the failing rank re-raises its own error; a lost lock is a
+        :class:`~maescale.rundir.RunLockLost` on every rank)."""
+        from maescale.rundir import RunLockLost
+
         error: BaseException | None = None
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - every rank must reach the agreement below
             error = exc
-        if agree_max([1 if error else 0], self.group)[0]:
+        code = agree_max([2 if isinstance(error, RunLockLost) else 1 if error else 0], self.group)[0]
+        if code:
             if error is not None:
                 raise error
+            if code == 2:
+                raise RunLockLost(f"the run directory's lock was taken over while writing a checkpoint ({what}); "
+                                  "nothing was published; this job stops")
             raise CheckpointError(f"another rank failed to {what}; 'latest' is unchanged")
 
     def _write(self, engine, partial: Path, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
@@ -238,6 +257,8 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {partial} lacks {sorted(missing)} after every rank reported success")
         write_json_atomic(partial / MANIFEST, {"format": FORMAT_VERSION, "files": files})
         fsync_dir(partial)
+        if self.fence is not None:
+            self.fence.check_held()  # raises RunLockLost: another job owns the directory now
         if final.exists():  # an older save of the same step that lost its 'latest' race
             shutil.rmtree(final)
         publish(partial, final)
@@ -250,12 +271,21 @@ class CheckpointManager:
                 continue
             shutil.rmtree(path, ignore_errors=True)
 
-    def clean_partials(self) -> int:
-        """Remove leftovers of interrupted saves (rank 0); returns the bytes freed."""
+    def clean_partials(self, quiet_s: float = 0.0) -> int:
+        """Remove leftovers of interrupted saves (rank 0); returns the bytes freed. A partial whose
+        files changed in the last ``quiet_s`` seconds may still be written by a job that lost the
+        lock while saving (a takeover): it is left alone (its commit is fenced off) and removed at a
+        later start."""
         freed = 0
         if self.rank == 0:
+            now = time.time()
             for p in self.run.partials():
-                freed += _dir_bytes(p)
+                newest = max((f.stat().st_mtime for f in p.rglob("*") if f.is_file()), default=p.stat().st_mtime)
+                if quiet_s and now - newest < quiet_s:
+                    log.warning("leaving %s alone: written %.0f s ago, maybe by the job this one took over from", p,
+                                now - newest)
+                    continue
+                freed += dir_bytes(p)
                 shutil.rmtree(p, ignore_errors=True)
                 log.warning("removed incomplete checkpoint %s (an interrupted save)", p)
         barrier(self.group)
@@ -298,6 +328,16 @@ class CheckpointManager:
             if explicit is not None:
                 raise CheckpointError(f"resume={explicit!r} is not a valid checkpoint: {problem or 'see other ranks'}")
         return None
+
+    def roll_back_to(self, engine, path: Path, mask_gen: torch.Generator) -> LoadedState:
+        """Load checkpoint ``path`` into the running ``engine`` (weights, optimizer state) and this
+        rank's RNG states, but not the data position: a rollback goes on with the data after the
+        bad window. Every rank validates and loads; a failure anywhere raises everywhere."""
+        self._together(f"validate {path}", validate_checkpoint, path, True, (self.rank, self.world_size))
+        box: list[LoadedState] = []
+        self._together(f"load {path}", lambda: box.append(self.load(engine, path)))
+        restore_rng(box[0].rank_state["rng"], mask_gen)
+        return box[0]
 
     def load(self, engine, path: Path, universal: Path | None = None) -> LoadedState:
         """Restore engine weights + optimizer from ``path``; return the trainer/rank state.
@@ -360,5 +400,6 @@ def _checkpoint_files(partial: Path) -> list[str]:
                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(partial).parts))
 
 
-def _dir_bytes(path: Path) -> int:
+def dir_bytes(path: Path) -> int:
+    """Bytes in the files under ``path`` (a checkpoint's size on disk)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

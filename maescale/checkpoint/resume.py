@@ -37,6 +37,17 @@ class ResumePlan:
     path: Path | None = None  # the checkpoint to resume from
     universal: Path | None = None  # its world-size independent form, when the job size changed
     resized: bool = False  # written by a job of another size: rewrite it in this job's layout at once
+    # The optimizer's parameter groups the checkpoint was written with (names per group), which the
+    # engine must be rebuilt with; "legacy" for checkpoints from before groups were recorded (the
+    # two-group layout with cls/mask tokens exempt from decay); None when starting fresh.
+    layout: list[dict[str, Any]] | str | None = None
+    trainer: dict[str, Any] | None = None  # trainer_state.json of the checkpoint that was loaded
+
+    def stream_pos(self, step: int, grad_accum_steps: int) -> int:
+        """Micro-batches this rank had drawn from its data at ``step`` (skipped ones included)."""
+        if self.trainer is not None and "stream_pos" in self.trainer:
+            return int(self.trainer["stream_pos"])
+        return step * grad_accum_steps
 
     def restore(self, manager: CheckpointManager, engine, data: Any, mask_gen: torch.Generator) -> int:
         """Load the checkpoint into ``engine``, ``data`` (anything with ``load_state_dict`` taking a
@@ -58,6 +69,7 @@ class ResumePlan:
                 if path != self.path:
                     log.warning("resuming from %s instead of %s, which could not be loaded", path, self.path)
                     self.path = path
+                self.trainer = state.trainer
                 return self._restore_rank_state(state, manager.rank, data, mask_gen)
             tried.append(f"{path} ({problem or 'another rank failed to load it'})")
             log.warning("checkpoint %s passed validation but cannot be loaded (%s); trying the previous one", path,
@@ -104,9 +116,10 @@ def plan_resume(cfg: Config, manager: CheckpointManager) -> ResumePlan:
     if path is None:
         return ResumePlan(cfg)
     saved = read_trainer_state(path)
+    cfg, layout = _keep_group_layout(cfg, saved, path)
     old_world = int(saved["world_size"])
     if old_world == world:
-        return ResumePlan(cfg, path)
+        return ResumePlan(cfg, path, layout=layout)
     # Another size: keep the effective batch, so the step count, lr schedule and epoch length
     # keep their meaning, by re-deriving grad_accum_steps.
     old_batch = int(saved["micro_batch_size"]) * int(saved["grad_accum_steps"]) * old_world
@@ -126,7 +139,20 @@ def plan_resume(cfg: Config, manager: CheckpointManager) -> ResumePlan:
         universal = prepare_universal(path, manager.rank, manager.group)
         extra = deep_merge(cfg.deepspeed.extra, {"checkpoint": {"load_universal": True}})
         cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, extra=extra))
-    return ResumePlan(cfg, path, universal, resized=True)
+    return ResumePlan(cfg, path, universal, resized=True, layout=layout)
+
+
+def _keep_group_layout(cfg: Config, saved: dict[str, Any], path: Path) -> tuple[Config, list[dict[str, Any]] | str]:
+    """The parameter-group layout and weight-decay rule a resumed run must keep: ZeRO's flat
+    partitions follow the groups, so moving a tensor between groups would load the saved
+    optimizer state into the wrong parameters. The config that runs records the rule."""
+    layout: list[dict[str, Any]] | str = saved.get("param_groups") or "legacy"
+    tokens = bool(saved.get("weight_decay_tokens", False))  # before the rule was recorded: tokens exempt
+    if tokens != cfg.optim.weight_decay_tokens:
+        log.warning("checkpoint %s was written with optim.weight_decay_tokens=%s; keeping it (its optimizer state "
+                    "is laid out by that rule; start a new output_dir to change it)", path, str(tokens).lower())
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, weight_decay_tokens=tokens))
+    return cfg, layout
 
 
 def _pick(cfg: Config, manager: CheckpointManager) -> Path | None:

@@ -12,8 +12,9 @@ The trainer uses::
         ...
         save(loader.state_dict())             # position after the last batch handed out
 
-See :mod:`maescale.data.pipeline` for what an epoch guarantees and how resuming works, and
-:mod:`maescale.data.shards` for writing shards. Names are imported lazily, so that the shard
+See :mod:`maescale.data.plan` for what an epoch guarantees, :mod:`maescale.data.pipeline` for how
+resuming works, :mod:`maescale.data.worker` for bad data, and :mod:`maescale.data.shards` for
+writing shards. Names are imported lazily, so that the shard
 tools (``maescale.data.shards``, ``maescale.data.demo``) start without importing torch.
 """
 
@@ -26,8 +27,8 @@ _EXPORTS = {
     "build_train_loader": "maescale.data.pipeline",
     "TrainLoader": "maescale.data.pipeline",
     "normalize_batch": "maescale.data.pipeline",
-    "TooManyBadSamples": "maescale.data.pipeline",
-    "check_bad_fraction": "maescale.data.pipeline",
+    "TooManyBadSamples": "maescale.data.worker",
+    "check_bad_fraction": "maescale.data.worker",
     "DataError": "maescale.data.errors",
     "Decoder": "maescale.data.decode",
     "BadSample": "maescale.data.decode",
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
     from maescale.data.decode import BadSample, Decoder, crop_box
     from maescale.data.errors import DataError
     from maescale.data.gpu_decode import EncodedBatch, decode_on_device, to_device_images
-    from maescale.data.pipeline import (TooManyBadSamples, TrainLoader, build_train_loader, check_bad_fraction,
-                                        normalize_batch)
+    from maescale.data.pipeline import TrainLoader, build_train_loader, normalize_batch
+    from maescale.data.worker import TooManyBadSamples, check_bad_fraction
     from maescale.data.sources import expand_shards
 
 

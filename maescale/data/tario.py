@@ -15,7 +15,9 @@ names, base-256 numbers, checksums). What is ours:
 
 Grouping follows WebDataset: consecutive members ``KEY.EXT`` with the same ``KEY`` (everything up
 to the first dot of the base name) form one sample ``{"__key__": KEY, EXT: bytes, ...}``; EXT is
-lower-cased. Members that are not regular files (directories, links, devices) are ignored.
+lower-cased, and an EXT that repeats within a KEY starts a new sample. Members that are not
+regular files (directories, links, devices) are ignored. Reading, skipping to a resume position
+and counting (:func:`count_samples`, for ``tools/index_shards.py``) share this one grouping.
 """
 
 from __future__ import annotations
@@ -84,6 +86,39 @@ def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
         raise TarFormatError(f"truncated tar: {exc} in member '{info.name}' at byte {info.offset}") from None
 
 
+def _open(stream: IO[bytes], seekable: bool) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=stream, mode="r:" if seekable else "r|", tarinfo=_TarInfo,
+                            encoding="utf-8", errors="surrogateescape")
+    except tarfile.TarError as exc:
+        raise TarFormatError(f"not a readable tar: {exc}") from None
+
+
+def _grouped(tar: tarfile.TarFile, stats: dict[str, int]) -> Iterator[tuple[int, str, str, tarfile.TarInfo]]:
+    """``(sample index, key, ext, member)`` of every member that belongs to a sample, in order.
+
+    The one place members are grouped into samples, so that reading, skipping (resume) and
+    counting (:func:`count_samples`) number samples alike: a new sample starts where the key
+    changes or an extension repeats within the key.
+    """
+    index = -1
+    key_now: str | None = None
+    exts: set[str] = set()
+    while (info := _next(tar)) is not None:
+        if not info.isreg():
+            continue
+        parts = split_name(info.name)
+        if parts is None:
+            stats["odd_members"] = stats.get("odd_members", 0) + 1
+            continue
+        key, ext = parts
+        if key != key_now or ext in exts:
+            index += 1
+            key_now, exts = key, set()
+        exts.add(ext)
+        yield index, key, ext, info
+
+
 def iter_samples(
     stream: IO[bytes],
     *,
@@ -104,36 +139,43 @@ def iter_samples(
     """
     if stats is None:
         stats = {}
+    tar = _open(stream, seekable)
     try:
-        tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|", tarinfo=_TarInfo,
-                           encoding="utf-8", errors="surrogateescape")
-    except tarfile.TarError as exc:
-        raise TarFormatError(f"not a readable tar: {exc}") from None
-    try:
-        index = -1
         current: dict | None = None
-        while (info := _next(tar)) is not None:
-            if not info.isreg():
-                continue
-            parts = split_name(info.name)
-            if parts is None:
-                stats["odd_members"] = stats.get("odd_members", 0) + 1
-                continue
-            key, ext = parts
-            if current is None or key != current["__key__"] or ext in current:
-                if current is not None and index >= start:
-                    yield index, current
-                index += 1
+        current_index = -1
+        for index, key, ext, info in _grouped(tar, stats):
+            if index != current_index:
+                if current is not None:
+                    yield current_index, current
+                    current = None
+                current_index = index
                 if stop is not None and index >= stop:
                     return
-                current = {"__key__": key}
-            if index < start:
-                continue  # not extracted: the next _next() seeks past (r:) or discards (r|) the data
+                if index >= start:
+                    current = {"__key__": key}
+            if current is None:
+                continue  # not extracted: the next member seeks past (r:) or discards (r|) the data
             if info.size > max_member_bytes:
                 current["__bad__"] = f"member '{info.name}' is {info.size} bytes, more than {max_member_bytes}"
                 continue
             current[ext] = _read(tar, info)
-        if current is not None and index >= start and (stop is None or index < stop):
-            yield index, current
+        if current is not None:
+            yield current_index, current
     finally:
         tar.close()  # does not close ``stream`` (the caller's)
+
+
+def count_samples(stream: IO[bytes], *, seekable: bool = False, stats: dict[str, int] | None = None) -> int:
+    """The number of samples of a tar stream, numbered as :func:`iter_samples` numbers them,
+    without reading member data (seeking past it when ``seekable``). Raises
+    :class:`TarFormatError` on a corrupt or truncated stream."""
+    if stats is None:
+        stats = {}
+    tar = _open(stream, seekable)
+    try:
+        count = 0
+        for index, _, _, _ in _grouped(tar, stats):
+            count = index + 1
+        return count
+    finally:
+        tar.close()

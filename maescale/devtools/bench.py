@@ -506,20 +506,25 @@ def flops_summary(preset: str, img_size: int, mask_ratio: float) -> str:
 # Host overhead: the bare step against the DeepSpeed engine's step
 # --------------------------------------------------------------------------------------------
 
-HOST_VARIANTS = ("bare", "bare-per-param", "deepspeed", "deepspeed-lean")
+# bare: the flat-buffer bare step (the reference); bare-per-param: an fp32 master per parameter;
+# deepspeed: DeepSpeed's own ZeRO-1 step (deepspeed.lean_step=false); deepspeed-lean: DeepSpeed's
+# ZeRO-1 engine step with the lean guard (the loop's step before 2026-12-07, kept for comparison);
+# loop: the step the loop runs now (maescale.step.FlatZeroStep).
+HOST_VARIANTS = ("bare", "bare-per-param", "deepspeed", "deepspeed-lean", "loop")
 
 
 def host_overhead(preset: str, micro_batch: int, img_size: int | None = None, precision: str = "bf16",
                   warmup: int = 2, steps: int = 5, device: str | None = None) -> list[dict]:
-    """Aten ops and host milliseconds per optimizer step of the bare step (:class:`_Step`) and of
-    the DeepSpeed ZeRO-1 engine's step as :mod:`maescale.train` runs it, with DeepSpeed's default
-    checks (``deepspeed.lean_step=false``) and with the lean step. One process; on a CPU the host
-    time is the whole step, on a GPU the device is synchronised at the end of each window.
-    Counting ops is the point: it shows host overhead on machines without a GPU."""
+    """Aten ops and host milliseconds per optimizer step of the bare step (:class:`_Step`), of
+    DeepSpeed's ZeRO-1 engine step (with its own checks, and with the lean guard) and of the step
+    the loop runs (:class:`maescale.step.FlatZeroStep`); see :data:`HOST_VARIANTS`. One process; on
+    a CPU the host time is the whole step, on a GPU the device is synchronised at the end of each
+    window. Counting ops is the point: it shows host overhead on machines without a GPU."""
     from maescale.config import config_from_dict
     from maescale.distributed import init_distributed
-    from maescale.optim import OptimizerStep, build_engine, lean_step_enabled
+    from maescale.optim import build_engine
     from maescale.profiling import profiled
+    from maescale.step import DeepSpeedStep, build_step
 
     dev_req = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = init_distributed(dev_req)
@@ -538,16 +543,19 @@ def host_overhead(preset: str, micro_batch: int, img_size: int | None = None, pr
         else:
             cfg = config_from_dict({"model": {"name": preset, "img_size": img},
                                     "train": {"micro_batch_size": micro_batch, "max_steps": 1, "precision": precision},
-                                    "deepspeed": {"zero_stage": 1, "lean_step": variant == "deepspeed-lean"}})
-            engine = build_engine(cfg, model, 1, dev)
-            opt_step = OptimizerStep(engine, lean_step_enabled(cfg), dev)
+                                    "deepspeed": {"zero_stage": 1, "lean_step": variant != "deepspeed"}})
+            built = build_engine(cfg, model, 1, dev)
+            engine = built.engine
+            if variant == "loop":
+                stepper = build_step(cfg, engine, dev, [g["name"] for g in built.groups])
+            else:  # DeepSpeed's engine step, with its own checks or with the lean guard
+                stepper = DeepSpeedStep(engine, 1, dev, lean=variant == "deepspeed-lean")
             gen = torch.Generator(device=dev).manual_seed(0)
 
-            def run(engine=engine, opt_step=opt_step, gen=gen):
-                noise = torch.rand(micro_batch, engine.module.grid_size ** 2, device=dev, generator=gen)
-                loss = engine(imgs, noise=noise)[0]
-                engine.backward(loss)
-                opt_step.step()
+            def run(stepper=stepper, gen=gen):
+                noise = torch.rand(micro_batch, stepper.model.grid_size ** 2, device=dev, generator=gen)
+                loss = stepper.forward_backward(imgs, noise, last=True)[0]
+                stepper.step(1)
                 return loss
         for _ in range(warmup):
             run()
@@ -565,6 +573,7 @@ def host_overhead(preset: str, micro_batch: int, img_size: int | None = None, pr
                      "device": str(dev), "host_ms_per_step": host_ms, "aten_ops_per_step": prof.aten_ops,
                      "kernel_launches_per_step": prof.kernel_launches})
         if engine is not None:
+            stepper.close()
             engine.destroy()
         del model, run
         gc.collect()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from maescale.checkpoint import consolidated_state_dict
+from maescale.checkpoint import consolidated_state_dict, dir_bytes
 from maescale.distributed import free_port
 from maescale.rundir import RunDir
 
@@ -121,10 +121,6 @@ def _kill_tree(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=60)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def _wait(pred, proc: subprocess.Popen, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -187,8 +183,8 @@ def run_soak(workdir: str | os.PathLike, shards: str, num_samples: int, steps: i
     subprocess.run(_cmd(nproc, config, overrides(out)), env=clean_env(), cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = RunDir(out)
-    report.leftover_bytes = sum(_dir_bytes(p) for p in run.partials())
-    report.checkpoint_bytes = sum(_dir_bytes(p) for _, p in run.list_checkpoints())
+    report.leftover_bytes = sum(dir_bytes(p) for p in run.partials())
+    report.checkpoint_bytes = sum(dir_bytes(p) for _, p in run.list_checkpoints())
     a = consolidated_state_dict(RunDir(ref).latest())
     b = consolidated_state_dict(run.latest())
     report.identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

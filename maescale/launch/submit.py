@@ -175,13 +175,60 @@ def check_launch(cfg: Config, local: bool = False) -> None:
 
 def check_not_in_use(cfg: Config) -> None:
     """Refuse to submit onto a run directory that a live job holds (its heartbeat is fresh by this
-    host's clock): the new job would only wait for it, then fail. ``lock.takeover=true`` overrides."""
+    host's clock), or that a job submitted for it still waits for in the queue (a requeued job
+    holds no lock while it is pending): the new job would only wait for it, then fail.
+    ``lock.takeover=true`` overrides."""
+    if cfg.lock.takeover:
+        return
     held = lock_status(RunDir(cfg.output_dir), fresh_s=cfg.lock.stale_s)
-    if held is not None and not cfg.lock.takeover:
+    if held is not None:
         age = held.get("heartbeat_age_s")
         beat = f"last heartbeat {age:.0f} s ago" if age is not None else "just started"
         raise _launch_error(f"{cfg.output_dir} is in use by {describe_owner(held)}, {beat}. Wait for that job to "
                             f"finish or cancel it; if it is gone, submit with lock.takeover=true", "output_dir")
+    queued = queued_jobs(RunDir(cfg.output_dir))
+    if queued:
+        listed = ", ".join(f"{job} ({state})" for job, state in queued)
+        raise _launch_error(f"{cfg.output_dir} belongs to job(s) still in SLURM's queue: {listed}. It resumes by "
+                            f"itself when it starts; scancel it first to submit anew, or submit with "
+                            f"lock.takeover=true", "output_dir")
+
+
+def recorded_job_ids(run: RunDir) -> list[str]:
+    """The SLURM job ids submitted for a run directory (submitit's ``<id>_submitted.pkl`` files and
+    the supervisor's ``requeues.json``)."""
+    ids = {p.name.split("_", 1)[0] for p in run.slurm.glob("*_submitted.pkl")} if run.slurm.is_dir() else set()
+    try:
+        import json
+
+        recorded = json.loads((run.slurm / "requeues.json").read_text()).get("job_id")
+        if recorded:
+            ids.add(str(recorded))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return sorted(i for i in ids if i.isdigit())
+
+
+def queued_jobs(run: RunDir) -> list[tuple[str, str]]:
+    """(job id, state) of this run directory's jobs that ``squeue`` still lists; [] where there
+    is no squeue (not a SLURM login node) or it fails."""
+    import shutil
+    import subprocess
+
+    ids = recorded_job_ids(run)
+    if not ids or shutil.which("squeue") is None:
+        return []
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = []
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in ids and parts[1] not in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT"):
+            found.append((parts[0], parts[1]))
+    return found
 
 
 def _repo_root() -> Path:
@@ -195,6 +242,13 @@ def tasks_per_node(cfg: Config) -> int:
     return max(1, cfg.slurm.gpus_per_node)
 
 
+def omp_threads(cfg: Config) -> int:
+    """Threads for torch's CPU ops in a training task: its cores minus the data workers' (at least 1)."""
+    from maescale.config import resolve_num_workers
+
+    return max(1, cfg.slurm.cpus_per_task - resolve_num_workers(cfg.data.num_workers, cfg.slurm.cpus_per_task))
+
+
 def sbatch_parameters(cfg: Config) -> dict[str, Any]:
     """submitit ``SlurmExecutor.update_parameters`` arguments for ``cfg.slurm``."""
     s = cfg.slurm
@@ -206,8 +260,14 @@ def sbatch_parameters(cfg: Config) -> dict[str, Any]:
         "cpus_per_task": s.cpus_per_task,
         "signal_delay_s": s.signal_delay_s,
         "wckey": None,  # submitit would force --wckey=submitit, which sites that enforce wckeys reject
-        # The job must import this very checkout of maescale, wherever sbatch starts it.
-        "setup": [*s.setup, f"export PYTHONPATH={shlex.quote(str(_repo_root()))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        # The job runs its supervisor in the batch step; the supervisor starts the training with
+        # srun itself, and again after a failure (maescale.launch.supervisor).
+        "use_srun": False,
+        "setup": [*s.setup,
+                  # The job must import this very checkout of maescale, wherever sbatch starts it.
+                  f"export PYTHONPATH={shlex.quote(str(_repo_root()))}${{PYTHONPATH:+:$PYTHONPATH}}",
+                  # torch's intra-op threads: the task's cores minus its data workers (a site's value wins)
+                  f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{omp_threads(cfg)}}}"],
         "additional_parameters": {"requeue": True, **s.additional_parameters},
     }
     if s.gpus_per_node > 0:
@@ -235,10 +295,9 @@ def make_slurm_executor(cfg: Config, check_srun: bool = True):
 
 def sbatch_script(cfg: Config) -> str:
     """The sbatch script submitit would submit for ``cfg`` (its own ``_make_submission_file_text``)."""
-    executor = make_slurm_executor(cfg, check_srun=False)
-    # Private submitit names: no public API renders the sbatch script without submitting it.
-    # tests/test_launch.py::test_submitit_private_names fails loudly if submitit renames them.
-    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+    from maescale.compat import render_sbatch_script
+
+    return render_sbatch_script(make_slurm_executor(cfg, check_srun=False))
 
 
 def submit(cfg: Config):

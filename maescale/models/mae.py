@@ -206,6 +206,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim, **dd)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True, **dd)
 
+        # Set by a ZeRO step whose parameters may still be arriving (an asynchronous all-gather)
+        # when the next forward starts: called with each layer right before it runs, so the
+        # gathers of later layers overlap the earlier ones (maescale.gradsync). None: a no-op.
+        self.param_waiter: Callable[[nn.Module, bool], None] | None = None
+
         self.set_attn_impl(attn_impl)
         if torch.device(device or "cpu").type != "meta":
             self.initialize_weights()
@@ -276,9 +281,14 @@ class MaskedAutoencoderViT(nn.Module):
         return x_visible, mask, ids_restore
 
     # ---------------------------------------------------------------- encoder / decoder
+    def _await(self, module: nn.Module, recurse: bool = True) -> None:
+        if self.param_waiter is not None:
+            self.param_waiter(module, recurse)
+
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         k = self.act_ckpt_every
         for i, blk in enumerate(blocks):
+            self._await(blk)
             if k and i % k == 0 and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
@@ -289,6 +299,8 @@ class MaskedAutoencoderViT(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed patches, drop the masked ones, run the encoder on visible patches + cls."""
+        self._await(self, recurse=False)  # cls_token, mask_token
+        self._await(self.patch_embed)
         # Images may stay float32 (the loss target keeps full precision) while weights are bf16.
         x = self.patch_embed(imgs.to(self.patch_embed.proj.weight.dtype))
         x = x + self.pos_embed[:, 1:, :].to(x.dtype)
@@ -296,10 +308,12 @@ class MaskedAutoencoderViT(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         x = self._run_blocks(self.blocks, x)
+        self._await(self.norm)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Project, insert mask tokens, unshuffle, add positions, decode, predict pixels."""
+        self._await(self.decoder_embed)
         x = self.decoder_embed(x)
         n, length = ids_restore.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)
@@ -308,6 +322,8 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat([x[:, :1, :], x_], dim=1)
         x = x + self.decoder_pos_embed.to(x.dtype)
         x = self._run_blocks(self.decoder_blocks, x)
+        self._await(self.decoder_norm)
+        self._await(self.decoder_pred)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:, :]  # drop cls
 

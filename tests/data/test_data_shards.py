@@ -52,7 +52,7 @@ def test_round_trip_readable_by_webdataset_and_tarfile(tmp_path):
     assert summary.total == n == 15 and summary.classes == ["-weird class..", "n01", "n02"]
     sizes = json.loads((out / "sizes.json").read_text())
     assert sizes["total"] == 15 and sum(sizes["shards"].values()) == 15
-    assert sorted(os.listdir(out)) == sorted([*sizes["shards"], "sizes.json"])  # nothing else, no temp files
+    assert sorted(os.listdir(out)) == sorted([*sizes["shards"], "sizes.json", "manifest.json"])  # nothing else, no temp files
     labels = {}
     for name, count in sizes["shards"].items():
         with tarfile.open(out / name) as tar:
@@ -124,7 +124,7 @@ def test_overwrite_resize_maxsize_and_flat_folder(tmp_path):
     with pytest.raises(FileExistsError):
         make_shards(src, out)
     s2 = make_shards(src, out, resize=50, maxsize=25_000, overwrite=True)
-    assert sorted(os.listdir(out)) == sorted([*s2.shards, "sizes.json"])  # stale shards removed
+    assert sorted(os.listdir(out)) == sorted([*s2.shards, "sizes.json", "manifest.json"])  # stale shards removed
     assert 1 < len(s2.shards) < 6
     for sample in wds.WebDataset(str(out / "shard-*.tar").replace("*", "{000000..%06d}" % (len(s2.shards) - 1)),
                                  shardshuffle=False).decode("pil"):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maescale.data.decode import Decoder
-from maescale.data.pipeline import Plan
+from maescale.data.plan import Plan
 
 
 def plan(counts, rank, world, workers, batch, samples=None, known=True):

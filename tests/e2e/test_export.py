@@ -1,5 +1,6 @@
 """End to end: real 2-process DeepSpeed ZeRO-1/ZeRO-3 bf16 runs -> tools/export_encoder.py ->
-timm, same features; a public MAE checkpoint initialising a run; tools/visualize.py on a run."""
+timm, same features; a public MAE checkpoint and a timm ViT (resampled) initialising a run;
+tools/visualize.py on a run."""
 
 from __future__ import annotations
 
@@ -102,3 +103,34 @@ def test_public_mae_checkpoint_initialises_a_run(shards, tmp_path):
     assert _tool("export_encoder")([str(out), "--output", str(enc)]) == 0
     state, _ = read_export(enc)
     assert all(torch.equal(state[k], weights[k]) for k in state)
+
+
+def test_timm_vit_initialises_a_run_at_another_image_and_patch_size(shards, tmp_path):
+    """model.init_from with a timm VisionTransformer's own .safetensors (classifier head, patch 2,
+    a 16x16 grid of learned positions) starts the tiny run (patch 4, 8x8) with
+    model.init_resample_patch: the head is dropped and named, the kernel resampled, the learned
+    table kept and resampled, and after two steps the table is still exactly that (fixed)."""
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    torch.manual_seed(7)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, patch_size=2, embed_dim=64,
+                            depth=2, num_heads=2, num_classes=10)
+    path = tmp_path / "timm_vit_p2.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+
+    out = tmp_path / "run"
+    run_train(TINY, overrides(shards, out, 2, **{"model.init_from": str(path), "model.init_resample_patch": "true",
+                                                 "optim.lr": 1e-6}))
+    log = (out / "logs" / "train.log").read_text()
+    assert "dropped 2 tensors that are not part of an MAE: head.bias, head.weight" in log
+    assert "patch embedding resampled from patch 2 to 4 (model.init_resample_patch)" in log
+    assert "learned table; kept as the model's fixed position table, resampled bicubically from 16x16 to 8x8" in log
+    weights = {k: v.detach() for k, v in final_weights(out).items()}
+    pos = resample_abs_pos_embed(vit.pos_embed.detach(), [8, 8], [16, 16], num_prefix_tokens=1,
+                                 interpolation="bicubic", antialias=True)
+    assert torch.allclose(weights["pos_embed"], pos, atol=1e-6)
+    kernel = resample_patch_embed(vit.patch_embed.proj.weight.detach(), [4, 4], interpolation="bicubic",
+                                  antialias=True)
+    assert float((weights["patch_embed.proj.weight"] - kernel).abs().max()) < 1e-4
+    assert float((weights["blocks.1.mlp.fc2.weight"] - vit.blocks[1].mlp.fc2.weight.detach()).abs().max()) < 1e-4
