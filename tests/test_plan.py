@@ -18,7 +18,6 @@ from maescale.data.shards import Record, write_records
 from maescale.planning.memory import (GIB, GPUS, MemorySetup, block_model, estimate_memory, find_profile, fixes,
                                       gpu_memory, load_profiles)
 from maescale.planning.plan import count_steps, format_plan, make_plan
-from maescale.planning.rates import lean_step
 from tests.helpers import REPO
 
 HUGE = REPO / "configs" / "vit_huge.yaml"
@@ -76,23 +75,6 @@ def test_count_steps_agrees_with_the_loader_and_the_trainer(tmp_path):
         mine = count_steps(100, ranks, mb, accum, None, epochs)
         assert mine.batches_per_epoch == loader.batches_per_epoch
         assert (mine.total_steps, mine.steps_per_epoch) == plan_length(cfg, loader.batches_per_epoch)
-
-
-def test_lean_step_rule_matches_the_optimizer():
-    from maescale.optim import lean_step_enabled
-
-    seen = 0
-    for stage in (0, 1, 2, 3):
-        for clip in (0.0, 1.0):
-            for lean in ("auto", True, False):
-                try:
-                    cfg = load_config(TINY, [f"deepspeed.zero_stage={stage}", f"optim.grad_clip={clip}",
-                                             f"deepspeed.lean_step={str(lean).lower()}"])
-                except ConfigError:
-                    continue  # lean_step=true where it cannot run
-                assert lean_step(cfg) == lean_step_enabled(cfg)
-                seen += 1
-    assert seen >= 18
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +273,7 @@ def test_undecodable_images_are_reported(tmp_path):
 def test_decode_that_cannot_keep_up_is_a_warning(tmp_path):
     plan = plan_of(tiny(jpeg_shards(tmp_path), "train.device=auto"), tmp_path, decode_samples=8, rate=1e7)
     (w,) = [w for w in plan.warnings if "decode cannot keep up" in w]
-    assert "data.num_workers=4" in w and "slurm.cpus_per_task=16" in w and "data.gpu_decode=true" in w
+    assert "data.num_workers=4" in w and "slurm.cpus_per_task=10" in w and "data.gpu_decode=true" in w
 
 
 # --------------------------------------------------------------------------------------------

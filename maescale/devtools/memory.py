@@ -352,9 +352,9 @@ def profile_entry(prof: ActivationProfile, env: dict) -> dict:
 
 def write_profiles(path: str | None = None, presets: list[str] | None = None,
                    ckpt_options: tuple[int, ...] = PROFILE_CKPT, batches: tuple[int, int] = (2, 4),
-                   mask_ratio: float = 0.75, dtype: torch.dtype = torch.bfloat16) -> str:
+                   mask_ratio: float = 0.75, dtype: torch.dtype = torch.bfloat16, img_size: int | None = None) -> str:
     """Measure the activation profiles (``dtype``, sdpa) of ``presets`` at their training image size for
-    every ``act_ckpt_every`` in ``ckpt_options`` and write them into the plan's profile file
+    every ``act_ckpt_every`` in ``ckpt_options`` (at ``img_size`` instead when given) and write them into the plan's profile file
     (``maescale/planning/activation_profiles.json`` unless ``path``), keeping the entries of other
     configurations that are already there. Returns the path."""
     import gc
@@ -374,7 +374,7 @@ def write_profiles(path: str | None = None, presets: list[str] | None = None,
     for name in presets:  # written after each preset: a long measurement keeps what it has done
         new = []
         for k in ckpt_options:
-            prof = activation_profile(name, PROFILE_SIZES[name], mask_ratio, k, dtype=dtype, batches=batches)
+            prof = activation_profile(name, img_size or PROFILE_SIZES[name], mask_ratio, k, dtype=dtype, batches=batches)
             new.append(profile_entry(prof, env))
             gc.collect()
         old: list[dict] = []
@@ -409,13 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="2,4", help="the two micro-batches the linear fit uses")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="weights and inputs (train.precision bf16 or fp32)")
+    p.add_argument("--img-size", type=int, help="image size (default: each preset's training size)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="mask ratio (default 0.75)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     batches = tuple(int(x) for x in args.batches.split(","))
     if len(batches) != 2 or batches[0] >= batches[1] or batches[0] < 1:
         p.error("--batches needs two increasing micro-batches, e.g. 2,4")
     path = write_profiles(args.output, args.presets.split(",") if args.presets else None,
-                          tuple(int(x) for x in args.ckpt.split(",")), batches, dtype=getattr(torch, args.dtype))
+                          tuple(int(x) for x in args.ckpt.split(",")), batches, mask_ratio=args.mask_ratio,
+                          dtype=getattr(torch, args.dtype), img_size=args.img_size)
     print(f"wrote {path}")
     return 0
 

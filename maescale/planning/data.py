@@ -1,7 +1,7 @@
 """The data check of the plan: do the shards exist, is the epoch size known, how does the loader
 split them over ``ranks x data.num_workers`` readers, and do the images decode (and how fast).
 
-The split rules are the loader's (:mod:`maescale.data.pipeline`): with per-shard sizes every
+The split rules are the loader's (:class:`maescale.data.plan.Plan`): with per-shard sizes every
 reader gets a contiguous range of samples (ranges start inside shards where needed), without
 them whole shards are dealt round robin, and ``data.resampled`` draws shards with replacement.
 Shards are found with the loader's own :func:`maescale.data.sources.expand_shards` and sizes with
@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from maescale.config import Config
+from maescale.config import Config, resolve_num_workers
 from maescale.data.errors import DataError
 from maescale.data.sources import default_sizes_file, expand_shards, is_local, shard_sizes
 
@@ -59,6 +59,12 @@ class DataCheck:
     decode: DecodeSample | None = None
 
 
+def job_workers(cfg: Config) -> int:
+    """DataLoader workers per rank in the job: ``data.num_workers``, with ``auto`` resolved from
+    ``slurm.cpus_per_task`` as the job resolves it."""
+    return resolve_num_workers(cfg.data.num_workers, cfg.slurm.cpus_per_task)
+
+
 def _pattern(cfg: Config) -> str:
     s = cfg.data.train_shards
     return s if isinstance(s, str) else " :: ".join(s)
@@ -67,7 +73,7 @@ def _pattern(cfg: Config) -> str:
 def check_data(cfg: Config, ranks: int, decode_samples: int = 32) -> DataCheck:
     """Check ``cfg.data`` for a job of ``ranks`` processes (see the module docstring)."""
     d = cfg.data
-    check = DataCheck(pattern=_pattern(cfg), readers=ranks * max(1, d.num_workers))
+    check = DataCheck(pattern=_pattern(cfg), readers=ranks * max(1, job_workers(cfg)))
     if d.synthetic:
         check.split = "synthetic images made on the device (data.synthetic): no shards, no workers"
         return check
@@ -108,9 +114,9 @@ def check_data(cfg: Config, ranks: int, decode_samples: int = 32) -> DataCheck:
 
 def _split(cfg: Config, ranks: int, check: DataCheck) -> None:
     """How the loader deals the shards to ``check.readers`` readers (the rules of
-    :class:`maescale.data.pipeline.Plan`), into ``check.split`` / notes / warnings."""
+    :class:`maescale.data.plan.Plan`), into ``check.split`` / notes / warnings."""
     d, n, readers = cfg.data, len(check.urls), check.readers
-    workers = max(1, d.num_workers)
+    workers = max(1, job_workers(cfg))
     who = f"{ranks} rank(s) x {workers} worker(s)"
     mb = cfg.train.micro_batch_size
     total = check.samples_per_epoch
@@ -143,8 +149,8 @@ def _split(cfg: Config, ranks: int, check: DataCheck) -> None:
         check.warnings.append(
             f"{n} shards for {readers} readers without per-shard sizes: {readers - n} readers have no shard of their "
             f"own and re-read shards of the next pass, so up to {(readers - n) / readers:.0%} of an epoch are "
-            "repeats; write a sizes file (tools/make_shards.py writes sizes.json; data.sizes_file), more shards, "
-            "or fewer readers (data.num_workers)")
+            "repeats; write a sizes file (tools/index_shards.py indexes existing shards; data.sizes_file), more "
+            "shards, or fewer readers (data.num_workers)")
     elif n % readers:
         check.notes.append(f"{n} shards over {readers} readers: {n % readers} readers get {n // readers + 1} shards, "
                            f"the others {n // readers}: uneven shards drop or repeat samples (a sizes file avoids it)")

@@ -28,11 +28,16 @@ from pathlib import Path
 from maescale.config import Config, parse_slurm_time
 from maescale.flops import param_count
 from maescale.models.presets import PRESETS
-from maescale.planning.data import DataCheck, check_data
+from maescale.planning.data import DataCheck, check_data, job_workers
 from maescale.planning.memory import (GIB, MIB, PROFILES_PATH, RESERVE_GIB, MemoryEstimate, MemorySetup,
                                       estimate_memory, fixes, gpu_memory, load_profiles, max_micro_batch)
 from maescale.planning.rates import Measurement, default_bench_dir, find_rates
 from maescale.scaling import CommFormatError, CommMeasurement, Estimate, estimate, load_comm
+
+
+def _workers_text(cfg: Config) -> str:
+    w = cfg.data.num_workers
+    return f"auto = {job_workers(cfg)}" if w == "auto" else str(w)
 
 
 def _shown(path: Path) -> str:
@@ -181,18 +186,20 @@ def make_plan(cfg: Config, label: str = "", *, rate: float | None = None, gpu: s
                    "deepspeed.zero_stage alone (more nodes shard ZeRO states further)"))
         elif plan.memory.activations is None:
             plan.notes.append(f"no activation profile for {m.name} at {m.img_size} px, mask {m.mask_ratio:g}, "
-                              f"{t.precision}: add one with python -m maescale.devtools.memory --write-profiles")
+                              f"{t.precision}: measure one with python -m maescale.devtools.memory --write-profiles "
+                              f"--presets {m.name} --img-size {m.img_size} --mask-ratio {m.mask_ratio:g}"
+                              + (" --dtype float32" if t.precision == "fp32" else ""))
 
     # ---- decode capacity at the planned rate
     dec = data.decode
     if dec is not None and dec.per_core and rates:
         need = max(rates) / dec.per_core  # worker cores per GPU
-        have = min(max(cfg.data.num_workers, 0), s.cpus_per_task - 1)
+        have = min(job_workers(cfg), s.cpus_per_task - 1)
         if need > have:
             plan.warnings.append(
                 f"decode cannot keep up: {max(rates):,.0f} img/s per GPU needs {need:.1f} worker cores per GPU at the "
                 f"{dec.per_core:,.0f} img/s per core measured here, the job has {have} (data.num_workers="
-                f"{cfg.data.num_workers}, slurm.cpus_per_task={s.cpus_per_task} less one for training): raise them"
+                f"{_workers_text(cfg)}, slurm.cpus_per_task={s.cpus_per_task} less one for training): raise them"
                 + ("" if cfg.data.gpu_decode else ", or decode on the GPU (data.gpu_decode=true)"))
     return plan
 
@@ -331,10 +338,10 @@ def format_plan(plan: Plan) -> str:
                 if measured_rate and plan.estimates:
                     r = max(e.rate for e in plan.estimates)
                     need = r / dec.per_core
-                    have = min(cfg.data.num_workers, s.cpus_per_task - 1)
+                    have = min(job_workers(cfg), s.cpus_per_task - 1)
                     line("", f"at {r:,.0f} img/s per GPU: {need:.1f} worker cores per GPU, {need * gpus:.1f} per node "
                              f"(+{gpus} training processes); the job has {have} per GPU (data.num_workers="
-                             f"{cfg.data.num_workers}, slurm.cpus_per_task={s.cpus_per_task}): "
+                             f"{_workers_text(cfg)}, slurm.cpus_per_task={s.cpus_per_task}): "
                              f"{'enough' if need <= have else 'NOT ENOUGH'}")
             else:
                 line("", f"no image decoded from {len(dec.shards)} sampled shard(s)")

@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from maescale.config import Config, ConfigError, apply_overrides, config_from_dict, deep_merge, set_dotted
+from maescale.config import (Config, ConfigError, apply_overrides, config_from_dict, deep_merge, lean_step_applies,
+                             set_dotted)
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,12 @@ class Measurement:
                 f"({self.file}: micro-batch {self.micro_batch}{variant}, {self.data} data)")
 
 
-def lean_step(cfg: Config) -> bool:
-    """Whether ``cfg`` runs the lean ZeRO step (the rule of ``maescale.optim.lean_step_enabled``,
-    restated here without torch; a test keeps the two equal)."""
-    ds = cfg.deepspeed
-    if ds.lean_step == "auto":
-        return ds.zero_stage in (1, 2) and cfg.optim.grad_clip == 0
-    return bool(ds.lean_step)
-
-
 def rate_key(cfg: Config) -> tuple:
     """What sets the per-GPU speed of a config's training step."""
     m, t = cfg.model, cfg.train
     compile_mode = "blocks" if m.compile is True else (m.compile or "off")
     return (m.name, m.img_size, m.in_chans, round(m.mask_ratio, 6), m.attn_impl, m.act_ckpt_every, compile_mode,
-            t.micro_batch_size, t.precision, cfg.deepspeed.zero_stage, lean_step(cfg))
+            t.micro_batch_size, t.precision, cfg.deepspeed.zero_stage, lean_step_applies(cfg))
 
 
 def data_sources(cfg: Config) -> tuple[str, ...]:
