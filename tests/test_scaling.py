@@ -132,3 +132,29 @@ def test_bad_arguments():
         estimate(H, 32, 0, 8, rate=636.0, comm=None, steps=1)
     with pytest.raises(ValueError):
         estimate(H, 32, 1, 8, rate=0.0, comm=None, steps=1)
+
+
+def _has_history() -> bool:
+    import subprocess
+
+    out = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--before=2026-11-29T22:41:11+00:00", "--format=%H",
+                          "--", "configs"], capture_output=True, text=True)
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+@pytest.mark.skipif(not _has_history(), reason="no git history of configs/ (shallow clone?)")
+def test_scaling_doc_from_the_function(tmp_path, comm):
+    from maescale.planning.scaling_doc import scaling_doc, write_scaling_doc
+
+    text = scaling_doc(comm_path=FIXTURE, today="2026-12-07")
+    assert "| `all_reduce` | 3 | 1.000 | 2 | 80% | 1.31 GB |" in text and "| `all_gather` | 2 | 1.000 | 2 | 0% |" in text
+    e = estimate(H, 32, 16, 8, rate=636.1686640421128, comm=comm.run_for(1), steps=499_200)
+    row = [line for line in text.splitlines() if line.startswith("| 16 | 128 | 32 x 1 |")][0]
+    assert f"| {e.comm_s * 1e3:.1f} / {e.exposed_s * 1e3:.1f} | {e.step_s * 1e3:.1f} |" in row
+    assert f"| {e.gpu_hours:,.0f} |" in row and "**measured**" in text and "assumed" in text
+    bare = scaling_doc(comm_path=tmp_path / "absent.json")
+    assert "**Not measured yet**" in bare and "GB |" not in bare
+    rows = [line for line in bare.splitlines() if " x " in line and line.startswith("| ") and "ms" not in line]
+    assert len(rows) == 10 and all("| not measured |" in r for r in rows)
+    path = write_scaling_doc(tmp_path / "SCALING.md", comm_path=FIXTURE)
+    assert path.read_text().startswith("# Scaling: MAE ViT-H/14")

@@ -134,7 +134,9 @@ def scaling_doc(bench_dir: str | os.PathLike | None = None, comm_path: str | os.
             f"({share:.1%} of the compute); what it issues (the measured share of each kind) hides behind it up to "
             "that length; the excess and everything issued outside backward (the parameter all-gather after the "
             "optimizer step) add to the step. Gradient kinds (" + ", ".join(f"`{k}`" for k in GRADIENT_KINDS)
-            + ") repeat per micro-batch under ZeRO-2/3 and run once per step under ZeRO-0/1.", "",
+            + ") repeat per micro-batch under ZeRO-2/3 and run once per step under ZeRO-0/1. A parameter "
+            "all-gather awaited layer by layer in the next forward may hide there too; the measurement does not "
+            "say how much, so it counts as exposed (an upper bound).", "",
             "## Time and cost", "",
             f"{EPOCHS} epochs, the recipe's global batch {RECIPE_BATCH:,} (micro-batch x accumulation x ranks) where "
             "the micro-batch allows it, larger where it does not (marked). `step = compute + exposed communication`; "
@@ -165,7 +167,8 @@ def scaling_doc(bench_dir: str | os.PathLike | None = None, comm_path: str | os.
                            f"{e.steps:,} | {e.wall_s / 3600:,.1f} | {e.gpu_hours:,.0f} |")
     out += ["", f"Compute per step = micro-batch x accumulation / measured rate: the per-GPU rate is the one-GPU "
             "loop's at that micro-batch (ZeRO-1 on one GPU communicates nothing), taken as it is at every node "
-            "count." + ("" if run is not None else " Communication is not in these figures until "
+            "count; it is the loop as it was on the date of the measurement (re-measure with "
+            "`bench/gpu_check.sh` after changes to the step)." + ("" if run is not None else " Communication is not in these figures until "
                         f"`{comm_file.name}` is measured."), ""]
     fast, cheap = rows.get((16, 32)), rows.get((4, 128))
     if fast is not None and cheap is not None:
