@@ -41,51 +41,16 @@ from torch.utils._pytree import tree_leaves
 
 from maescale.flops import param_count
 from maescale.models import PRESETS, MAEArch, MaskedAutoencoderViT, create_model
+# The model-state arithmetic has one owner, the login-node plan (torch-free); re-exported here.
+from maescale.planning.memory import GIB, ModelStateBytes, model_state_bytes
 
 log = logging.getLogger(__name__)
-
-GIB = 1024**3
-PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 2, 2, 12  # bf16 params, bf16 grads, fp32 master + m + v
 
 __all__ = [
     "ModelStateBytes", "model_state_bytes", "saved_tensor_bytes", "live_peak_bytes", "SavedTensors",
     "ActivationProfile", "activation_profile", "max_micro_batch", "memory_rows", "format_memory_table",
     "GIB",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Model states under ZeRO
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelStateBytes:
-    """Bytes of parameters, gradients and optimizer state held by one GPU."""
-
-    params: float
-    grads: float
-    optimizer: float
-
-    @property
-    def total(self) -> float:
-        return self.params + self.grads + self.optimizer
-
-
-def model_state_bytes(n_params: int, zero_stage: int, world_size: int, param_bytes: int = PARAM_BYTES,
-                      grad_bytes: int = GRAD_BYTES, optim_bytes: int = OPTIM_BYTES) -> ModelStateBytes:
-    """Per-GPU model-state bytes for ZeRO ``zero_stage`` (0-3) over ``world_size`` data-parallel
-    ranks: stage >= 1 shards the optimizer state, >= 2 the gradients, 3 the parameters."""
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    w = float(world_size)
-    return ModelStateBytes(
-        params=n_params * param_bytes / (w if zero_stage >= 3 else 1.0),
-        grads=n_params * grad_bytes / (w if zero_stage >= 2 else 1.0),
-        optimizer=n_params * optim_bytes / (w if zero_stage >= 1 else 1.0),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,3 +296,132 @@ def format_memory_table(rows: list[dict]) -> str:
                      + "".join(f"{r['model_states_gib'][s]:>11.2f}" for s in range(4))
                      + "".join(f"{r['max_micro_batch'][s]:>10d}" for s in range(4)))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The committed activation profiles the login-node plan reads (maescale/planning/memory.py)
+# --------------------------------------------------------------------------------------------
+
+# preset -> image size it is profiled at (the size its configs train at)
+PROFILE_SIZES = {"mae_vit_tiny_patch4": 32, "mae_vit_mini_patch8": 64, "mae_vit_base_patch16": 224,
+                 "mae_vit_large_patch16": 224, "mae_vit_huge_patch14": 224, "mae_vit_giant_patch14": 224}
+PROFILE_CKPT = (0, 1, 2, 4)
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _environment() -> dict:
+    import datetime
+    import platform
+    import sys
+
+    import maescale
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "maescale": maescale.__version__}
+    try:
+        import timm
+
+        versions["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": f"cpu: {_cpu_name()} ({platform.platform()}), {torch.get_num_threads()} torch thread(s)",
+            "versions": versions}
+
+
+def profile_entry(prof: ActivationProfile, env: dict) -> dict:
+    """One entry of the profile file: the fitted bytes, the blocks per region and how it was made."""
+    arch = PRESETS[prof.preset]
+    entry = prof.as_dict()
+    entry["batches"] = list(entry["batches"])
+    entry["depth"] = {"encoder": arch.depth, "decoder": arch.decoder_depth}
+    entry.update(env)
+    return entry
+
+
+def write_profiles(path: str | None = None, presets: list[str] | None = None,
+                   ckpt_options: tuple[int, ...] = PROFILE_CKPT, batches: tuple[int, int] = (2, 4),
+                   mask_ratio: float = 0.75, dtype: torch.dtype = torch.bfloat16, img_size: int | None = None) -> str:
+    """Measure the activation profiles (``dtype``, sdpa) of ``presets`` at their training image size for
+    every ``act_ckpt_every`` in ``ckpt_options`` (at ``img_size`` instead when given) and write them into the plan's profile file
+    (``maescale/planning/activation_profiles.json`` unless ``path``), keeping the entries of other
+    configurations that are already there. Returns the path."""
+    import gc
+    import json
+    import os
+
+    from maescale.planning.memory import PROFILES_FORMAT, PROFILES_PATH
+    from maescale.rundir import write_json_atomic
+
+    path = os.fspath(path or PROFILES_PATH)
+    presets = list(presets or PROFILE_SIZES)
+    unknown = [p for p in presets if p not in PROFILE_SIZES]
+    if unknown:
+        raise ValueError(f"no profile image size for {unknown}; known: {', '.join(PROFILE_SIZES)}")
+    env = _environment()
+    key = lambda e: (e["preset"], e["img_size"], e["mask_ratio"], e["act_ckpt_every"], e["dtype"])  # noqa: E731
+    for name in presets:  # written after each preset: a long measurement keeps what it has done
+        new = []
+        for k in ckpt_options:
+            prof = activation_profile(name, img_size or PROFILE_SIZES[name], mask_ratio, k, dtype=dtype, batches=batches)
+            new.append(profile_entry(prof, env))
+            gc.collect()
+        old: list[dict] = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                old = json.load(fh).get("profiles", [])
+        replaced = {key(e) for e in new}
+        entries = sorted([e for e in old if key(e) not in replaced] + new, key=key)
+        write_json_atomic(path, {
+            "format": PROFILES_FORMAT,
+            "made_by": "python -m maescale.devtools.memory --write-profiles",
+            "how": ("activation bytes of one real forward + backward on CPU (what autograd saves and the peak of live "
+                    "tensor bytes; maescale/devtools/memory.py), weights and inputs in the entry's dtype (bf16 as "
+                    "DeepSpeed's bf16 mode keeps them), attn_impl sdpa, fitted as fixed + per_image x micro-batch "
+                    "from two micro-batches; each entry names its date, device and versions. Bytes, not MiB."),
+            "profiles": entries,
+        }, indent=1)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m maescale.devtools.memory --write-profiles [--presets A,B] [--ckpt 0,1,2,4]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m maescale.devtools.memory",
+                                description="Measure activation memory profiles for the login-node plan (tools/plan.py).")
+    p.add_argument("--write-profiles", action="store_true", required=True,
+                   help="measure and write maescale/planning/activation_profiles.json")
+    p.add_argument("--output", help="another file to write (default: the package's profile file)")
+    p.add_argument("--presets", help=f"comma list (default: {','.join(PROFILE_SIZES)})")
+    p.add_argument("--ckpt", default=",".join(map(str, PROFILE_CKPT)), help="act_ckpt_every values, comma list")
+    p.add_argument("--batches", default="2,4", help="the two micro-batches the linear fit uses")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="weights and inputs (train.precision bf16 or fp32)")
+    p.add_argument("--img-size", type=int, help="image size (default: each preset's training size)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="mask ratio (default 0.75)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    batches = tuple(int(x) for x in args.batches.split(","))
+    if len(batches) != 2 or batches[0] >= batches[1] or batches[0] < 1:
+        p.error("--batches needs two increasing micro-batches, e.g. 2,4")
+    path = write_profiles(args.output, args.presets.split(",") if args.presets else None,
+                          tuple(int(x) for x in args.ckpt.split(",")), batches, mask_ratio=args.mask_ratio,
+                          dtype=getattr(torch, args.dtype), img_size=args.img_size)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -338,7 +338,10 @@ def submit_main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(sbatch_script(cfg), end="")
         print(f"\n# dry run: nothing submitted. Would run {_describe(cfg)}.\n"
-              f"# run directory {out}; logs {logs}/<jobid>_<task>_log.out|.err")
+              f"# run directory {out}; logs {logs}/<jobid>_<task>_log.out|.err\n")
+        from maescale.planning.plan import format_plan, make_plan  # the plan of tools/plan.py
+
+        print(format_plan(make_plan(cfg, " ".join([args.config, *args.overrides]))))
         return OK
     try:
         job = submit(cfg)

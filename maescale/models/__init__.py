@@ -1,17 +1,36 @@
-"""MAE model family: :class:`MaskedAutoencoderViT` and named presets."""
+"""MAE model family: :class:`MaskedAutoencoderViT` and named presets.
+
+The model (torch, timm) is imported on first use, so that the presets reach the login-node side
+(config validation, ``tools/submit.py``, ``tools/plan.py``) without torch's ~3 s import.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from maescale.models.mae import DECODER_KEYS, MaskedAutoencoderViT
 from maescale.models.presets import PRESETS, MAEArch
+
+if TYPE_CHECKING:
+    from maescale.models.mae import DECODER_KEYS, MaskedAutoencoderViT
+
+_LAZY = {"MaskedAutoencoderViT": "maescale.models.mae", "DECODER_KEYS": "maescale.models.mae"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'maescale.models' has no attribute {name!r}")
 
 __all__ = ["MaskedAutoencoderViT", "PRESETS", "MAEArch", "DECODER_KEYS", "create_model", "build_model", "timm_encoder_kwargs"]
 
 
 def create_model(name: str, **kwargs: Any) -> MaskedAutoencoderViT:
     """Build a preset by name; ``kwargs`` (img_size, in_chans, mask_ratio, ...) pass through."""
+    from maescale.models.mae import MaskedAutoencoderViT
+
     if name not in PRESETS:
         raise KeyError(f"unknown model preset '{name}'; known: {', '.join(PRESETS)}")
     return MaskedAutoencoderViT(**PRESETS[name].as_kwargs(), **kwargs)
