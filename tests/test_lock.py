@@ -9,7 +9,6 @@ import json
 import multiprocessing
 import os
 import time
-from pathlib import Path
 
 import pytest
 

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from maescale.checkpoint import CheckpointError
     from maescale.data import DataError
     from maescale.distributed import shutdown
-    from maescale.launch.job import prepare_dist_env
+    from maescale.launch.env import prepare_dist_env
     from maescale.rundir import RunLocked, RunLockLost
     from maescale.step import StepError
     from maescale.train import TrainingDiverged
