@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from maescale.models.fp8 import convert_to_fp8, fp8_recipe
 from maescale.models.mae import DECODER_KEYS, MaskedAutoencoderViT
 from maescale.models.presets import PRESETS, MAEArch
 
@@ -18,8 +19,9 @@ def create_model(name: str, **kwargs: Any) -> MaskedAutoencoderViT:
 
 
 def build_model(model_cfg: Any, device: Any = None) -> MaskedAutoencoderViT:
-    """Build the model that a :class:`maescale.config.ModelConfig` describes."""
-    return create_model(
+    """Build the model that a :class:`maescale.config.ModelConfig` describes; with ``model.fp8`` its
+    encoder's linear layers become torchao float8 layers (same parameter names; :mod:`.fp8`)."""
+    model = create_model(
         model_cfg.name,
         img_size=model_cfg.img_size,
         in_chans=model_cfg.in_chans,
@@ -29,6 +31,11 @@ def build_model(model_cfg: Any, device: Any = None) -> MaskedAutoencoderViT:
         act_ckpt_every=model_cfg.act_ckpt_every,
         device=device,
     )
+    recipe = fp8_recipe(getattr(model_cfg, "fp8", "off"))
+    if recipe is not None:
+        model.fp8_layers = convert_to_fp8(model, recipe, emulate=getattr(model_cfg, "fp8_emulate", False),
+                                          min_features=getattr(model_cfg, "fp8_min_features", None), device=device)
+    return model
 
 
 def timm_encoder_kwargs(name: str, img_size: int, in_chans: int = 3) -> tuple[str, dict[str, Any]]:
