@@ -53,7 +53,12 @@ class MAEAttention(Attention):
             out = _flash_attn_packed(qkv, self.head_dim)  # (B, N, H, D)
             out = out.reshape(B, N, self.attn_dim)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
+            # Unbind the packed (B, N, 3, H, D) layout on its own axis, then view each as (B, H, N, D):
+            # the same strided views as timm's permute(2, 0, 3, 1, 4).unbind(0), but autograd's stack of
+            # dq/dk/dv lands in (B, N, 3, H, D) order, which the qkv linear's backward reads as it is.
+            # timm's order stacks into (3, B, H, N, D) and copies once more to get back (eager; compiled
+            # blocks fuse both into one copy). No SDPA backend writes packed gradients (the stack stays).
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, N, D)
             q, k = self.q_norm(q), self.k_norm(k)
             if self.impl == "sdpa":
                 out = F.scaled_dot_product_attention(q, k, v)
