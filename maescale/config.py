@@ -61,8 +61,8 @@ class ModelConfig:
     attn_impl: Literal["sdpa", "math", "flash", "cudnn", "flash_attn"] = "sdpa"
     act_ckpt_every: int = 0  # checkpoint every k-th block (1 = all blocks); 0 = off
     # torch.compile: false; true or "blocks" (each transformer block); "full" (the whole forward + loss);
-    # "graphs" (each block, replayed as CUDA graphs)
-    compile: Union[bool, Literal["blocks", "full", "graphs"]] = False
+    # "graphs" (each block, replayed as CUDA graphs); "full_regions" (as "full", each block compiled once and reused)
+    compile: Union[bool, Literal["blocks", "full", "graphs", "full_regions"]] = False
     init_from: str | None = None  # a public MAE ``{"model": ...}`` checkpoint to start from
     # FP8 GEMMs in the encoder's linear layers (torchao float8 training; see maescale/models/fp8.py):
     # off | tensorwise (one scale per tensor) | rowwise (one per row). Needs a GPU of compute capability >= 8.9.
