@@ -28,10 +28,13 @@
 #   loop-fp8    the real loop with CUDA-graphed blocks and model.fp8=tensorwise / rowwise (FP8_LOOP);
 #   bare-fp8    the bare step with CUDA-graphed blocks and FP8 (the loop/bare ratio of the FP8 variants);
 #   fp8-shapes  bf16 vs FP8 time per linear shape at the loop's token counts, compiled: what the FP8
-#               layer rule's minimum size (maescale/models/fp8.py) is to be set from.
+#               layer rule's minimum size (maescale/models/fp8.py) is to be set from;
+#   convergence bf16 (twice: the noise floor) vs each FP8 recipe, CONV_STEPS=300 steps of CONV_CONFIG=
+#               configs/vit_large.yaml at micro-batch CONV_MB=64 with CUDA-graphed blocks, on 4,096 generated
+#               JPEGs (tools/convergence.py): $OUT/convergence.json and convergence.png (~3 minutes).
 # STEPS=goal is "env sdpa loop-compile peer loop-fp8" with LOOP_COMPILE=graphs (~5 minutes: env 15 s,
 # sdpa 20, loop-compile 40, peer 120, loop-fp8 90, within BUDGET_S); STEPS=fp8 is
-# "env fp8-shapes bare-fp8 loop-fp8" (~4 minutes). The report then adds the ratios of the loop against
+# "env fp8-shapes bare-fp8 loop-fp8" (~4 minutes); STEPS=conv is "env convergence". The report then adds the ratios of the loop against
 # the peer and the autocast step, and the goal lines (>= 2x the peer at 32, >= 1.5x at 128, >= 50% MFU at 128).
 # Steps past the time budget (BUDGET_S, 270 s by default) are skipped and say so. Each step's log
 # is in $OUT/logs.tar.gz. PRESET, CONFIG, IMG, MB, MB_DATA, WORKERS, NUM_IMAGES, DEVICE, DECODE_ARGS,
@@ -47,6 +50,7 @@ PY=${PY:-python3}
 case "${STEPS:-}" in
   goal) STEPS="env sdpa loop-compile peer loop-fp8"; LOOP_COMPILE=${LOOP_COMPILE:-graphs} ;;
   fp8) STEPS="env fp8-shapes bare-fp8 loop-fp8" ;;
+  conv) STEPS="env convergence" ;;
 esac
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -61,7 +65,7 @@ step() {  # step NAME SECONDS_NEEDED CMD... : run CMD unless the budget cannot f
   if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
     return 0
   fi
-  if [ -z "${STEPS:-}" ] && [[ " bare-graphs loop-compile sdpa peer loop-fp8 bare-fp8 fp8-shapes " == *" $name "* ]]; then
+  if [ -z "${STEPS:-}" ] && [[ " bare-graphs loop-compile sdpa peer loop-fp8 bare-fp8 fp8-shapes convergence " == *" $name "* ]]; then
     return 0  # optional: only when STEPS names it
   fi
   if (( $(elapsed) + need > BUDGET_S )); then
@@ -131,7 +135,11 @@ step bare-fp8 60 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn sd
   --fp8 "${FP8_LOOP:-tensorwise,rowwise}" "${FP8_B[@]}" --json "$OUT/bare.json" --append --note "bare bf16 step, FP8"
 step fp8-shapes 90 "$PY" tools/gpu_check.py fp8-shapes "$OUT" --preset "$PRESET" --img-size "$IMG" --micro-batch "$MB" \
   ${DEVICE:+--device "$DEVICE"} "${FP8_S[@]}"
-rm -rf "$OUT/shards"
+step convergence "${CONV_S:-180}" "$PY" tools/convergence.py "${CONV_CONFIG:-configs/vit_large.yaml}" \
+  --steps "${CONV_STEPS:-300}" --micro-batch "${CONV_MB:-64}" --make-shards "$OUT/conv_shards" \
+  --num-images "${CONV_IMAGES:-4096}" --image-size "${CONV_IMAGE_SIZE:-500x375}" --workers "$WORKERS" --out "$OUT" \
+  --fp8-overrides "${FP8_OV[*]}" "model.compile=$COMPILED" ${CONV_ARGS:-}
+rm -rf "$OUT/shards" "$OUT/conv_shards"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "== report ($(elapsed)s)"
 "$PY" tools/gpu_check.py report "$OUT"

@@ -148,3 +148,16 @@ def test_build_model_converts_from_the_config():
     plain = build_model(_cfg(name="mae_vit_tiny_patch4", img_size=32).model)
     assert not any(isinstance(m, Float8Linear) for m in plain.modules())
     assert list(plain.state_dict()) == list(model.state_dict())
+
+
+def test_conversion_leaves_the_random_stream_alone():
+    """The start-up probe must not shift what the run draws next (masks, data): an FP8 run and a bf16
+    run of the same seed see the same random numbers after building the model."""
+    plain = _cfg(name="mae_vit_tiny_patch4", img_size=32)
+    fp8 = _cfg(name="mae_vit_tiny_patch4", img_size=32, fp8="tensorwise", fp8_emulate=True, fp8_min_features=16)
+    torch.manual_seed(0)
+    build_model(plain.model)
+    after_plain = torch.rand(4)
+    torch.manual_seed(0)
+    build_model(fp8.model)
+    assert torch.equal(torch.rand(4), after_plain)

@@ -48,7 +48,9 @@ def test_gpu_check_goal_and_fp8_steps_run_and_report(tmp_path):
                      "CONFIG": "configs/tiny.yaml", "IMG": "32", "MB": "8", "WORKERS": "1", "COMPILE": "0",
                      "PEER_COMPILE": "off", "BUDGET_S": "900", "DEVICE": "cpu", "FP8_EMULATE": "1",
                      "FP8_MIN_FEATURES": "16", "FP8_LOOP": "tensorwise,rowwise",
-                     "STEPS": "env sdpa peer loop-synthetic loop-fp8 bare-fp8 fp8-shapes"})
+                     "CONV_CONFIG": "configs/tiny.yaml", "CONV_STEPS": "6", "CONV_MB": "8", "CONV_IMAGES": "32",
+                     "CONV_IMAGE_SIZE": "64x48", "CONV_ARGS": "train.precision=bf16",
+                     "STEPS": "env sdpa peer loop-synthetic loop-fp8 bare-fp8 fp8-shapes convergence"})
     proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert (out / "gpu_check.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,3 +77,7 @@ def test_gpu_check_goal_and_fp8_steps_run_and_report(tmp_path):
                  "micro-batch 8: "):
         assert text in proc.stdout, proc.stdout[-3000:]
     assert "SKIPPED" not in proc.stdout
+    conv = json.loads((out / "convergence.json").read_text())
+    assert [c["variant"] for c in conv["curves"] if c["status"] == "ok"] == ["bf16", "bf16 (repeat)", "tensorwise",
+                                                                              "rowwise"]
+    assert (out / "convergence.png").is_file() and not (out / "conv_shards").exists()

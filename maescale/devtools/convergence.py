@@ -47,7 +47,7 @@ def run_variant(config: str, name: str, steps: int, micro_batch: int, shards: st
               f"train.max_steps={steps}", "train.epochs=null", "train.log_every=1", "train.image_every=0",
               "train.progress_bar=off", "checkpoint.every_steps=0", "checkpoint.every_minutes=0",
               "checkpoint.final=false", f"data.train_shards={shards}", "data.num_samples=null",
-              "data.sizes_file=null", "data.synthetic=false"]
+              "data.sizes_file=null", "data.synthetic=false", f"optim.warmup_steps={max(1, steps // 10)}"]
         cfg = load_config(config, ov + list(overrides))
         result = main(cfg)
         history = sorted(result.perf or [], key=lambda p: p["step"])
@@ -138,7 +138,7 @@ def format_convergence(doc: dict[str, Any]) -> str:
         head = (f"{c['variant']:<16}{'ok':<8}{c['loss'][0]:>11.4f}{c['loss'][-1]:>10.4f}"
                 f"{c['images_per_s'] or 0:>9.1f}{c['seconds']:>6.0f}")
         if not g:
-            lines.append(head + f"{'(baseline)':>10}")
+            lines.append(head + f"{'(baseline)':>11}")
             continue
         rel = f"{100 * g['max_rel_gap_smoothed']:.2f}% @ {g['max_rel_gap_smoothed_step']}"
         lines.append(head + f"{g['max_abs_gap']:>10.4f}{rel:>24}{100 * g['final_rel_gap']:>13.2f}%")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from maescale.models.fp8 import convert_to_fp8, fp8_recipe
 from maescale.models.mae import DECODER_KEYS, MaskedAutoencoderViT
 from maescale.models.presets import PRESETS, MAEArch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MaskedAutoencoderViT", "PRESETS", "MAEArch", "DECODER_KEYS", "create_model", "build_model", "timm_encoder_kwargs"]
 
@@ -33,8 +36,12 @@ def build_model(model_cfg: Any, device: Any = None) -> MaskedAutoencoderViT:
     )
     recipe = fp8_recipe(getattr(model_cfg, "fp8", "off"))
     if recipe is not None:
-        model.fp8_layers = convert_to_fp8(model, recipe, emulate=getattr(model_cfg, "fp8_emulate", False),
+        emulate = getattr(model_cfg, "fp8_emulate", False)
+        model.fp8_layers = convert_to_fp8(model, recipe, emulate=emulate,
                                           min_features=getattr(model_cfg, "fp8_min_features", None), device=device)
+        if not getattr(model_cfg, "compile", False) and not emulate:
+            log.warning("model.fp8=%s without model.compile: each float8 cast (amax, scale, cast) runs as kernels of "
+                        "its own; model.compile=graphs or blocks fuses them into the neighbouring ops", recipe)
     return model
 
 

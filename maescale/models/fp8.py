@@ -13,7 +13,8 @@ Which layers (:func:`fp8_layer_rule`, one rule for the model and for config vali
   outer dimension of 512, where the per-tensor casts (an amax reduction and a cast of input,
   weight and gradient, each a pass over memory) cost about as much as the halved GEMM time saves;
   torchao's own H100 heuristics leave such shapes in bf16 too. It is also the smaller part of the
-  work (ViT-H: ~14% of the linear FLOPs) and it makes the pixel predictions the loss reads.
+  work (ViT-H: about 15% of the forward FLOPs, :mod:`maescale.flops`) and it makes the pixel
+  predictions that the loss reads.
   ``decoder_embed`` belongs to the decoder; ``patch_embed`` is a convolution, not a linear layer.
 * both ``in_features`` and ``out_features`` multiples of 16 (what FP8 GEMMs accept; e.g.
   ``decoder_pred``'s 588 outputs for patch 14 are not);
@@ -166,7 +167,10 @@ def check_fp8_support(recipe: str, device: Any, emulate: bool) -> None:
             hint = "model.fp8_emulate=true (slow; for tests)" if device.type != "cuda" else "model.fp8=off"
             raise FP8UnavailableError(f"model.fp8={recipe}: {problem}. Set {hint}")
     try:
-        _probe(recipe, device, emulate)
+        # The probe draws random numbers: on forked generators, so that a run with FP8 draws the same
+        # initial weights, masks and data as one without.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _probe(recipe, device, emulate)
     except FP8UnavailableError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the kernels refuse, named with the key
