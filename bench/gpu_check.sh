@@ -21,7 +21,8 @@
 #
 # Issue #20's goal (the loop against the hand-tuned peer loop, FP8), optional steps:
 #   sdpa        which SDPA backend runs at each attention call site (encoder hd 80 / 65 tokens,
-#               decoder hd 32 / 257 tokens for ViT-H) and each backend's time (tools/gpu_check.py sdpa);
+#               decoder hd 32 / 257 tokens for ViT-H) and each backend's time, and the kernels inductor
+#               generates for one compiled encoder block (what it fuses) (tools/gpu_check.py sdpa);
 #   peer        the hand-tuned user loop: timm-style MAE, fp32 weights + bf16 autocast, torch.compile of
 #               the model (PEER_COMPILE=full; full_regions compiles each block once), fused AdamW, no
 #               engine, synthetic data (tools/bench_model.py --precision peer);
@@ -33,25 +34,27 @@
 #               configs/vit_large.yaml at micro-batch CONV_MB=64 with CUDA-graphed blocks, on 4,096 generated
 #               JPEGs (tools/convergence.py): $OUT/convergence.json and convergence.png (~3 minutes).
 # STEPS=goal is "env sdpa loop-compile peer loop-fp8" with LOOP_COMPILE=graphs (~5 minutes: env 15 s,
-# sdpa 20, loop-compile 40, peer 120, loop-fp8 90, within BUDGET_S); STEPS=fp8 is
-# "env fp8-shapes bare-fp8 loop-fp8" (~4 minutes); STEPS=conv is "env convergence". The report then adds the ratios of the loop against
-# the peer and the autocast step, and the goal lines (>= 2x the peer at 32, >= 1.5x at 128, >= 50% MFU at 128).
+# sdpa 30, loop-compile 50, peer 120, loop-fp8 90; BUDGET_S=300 for it); STEPS=fp8 is
+# "env fp8-shapes bare-fp8 loop-fp8" (~4 minutes); STEPS=conv is "env convergence" (~3 minutes).
+# These estimates are not measured yet (no GPU run of the new steps). The report then adds the
+# ratios of the loop against the peer and the autocast step, and the goal lines (>= 2x the peer at
+# 32, >= 1.5x at 128, >= 50% MFU at 128).
 # Steps past the time budget (BUDGET_S, 270 s by default) are skipped and say so. Each step's log
 # is in $OUT/logs.tar.gz. PRESET, CONFIG, IMG, MB, MB_DATA, WORKERS, NUM_IMAGES, DEVICE, DECODE_ARGS,
 # COMPILE=0 shrink it
 # (tests/test_gpu_check.py runs it on a CPU with the tiny preset, so the script is proven before a
-# GPU is lent). Needs DeepSpeed, webdataset and submitit: on the lent GPU machine they
-# come as wheels in .whl/ (../shared/gpu/fetch-wheels.sh), installed first if present.
+# GPU is lent). Needs DeepSpeed, webdataset and submitit (and torchao for the FP8 steps): on the
+# lent GPU machine they come as wheels in .whl/ (../shared/gpu/fetch-wheels.sh), installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
-BUDGET_S=${BUDGET_S:-270}
-PY=${PY:-python3}
-case "${STEPS:-}" in
-  goal) STEPS="env sdpa loop-compile peer loop-fp8"; LOOP_COMPILE=${LOOP_COMPILE:-graphs} ;;
+case "${STEPS:-}" in  # named sets of the optional steps (see the top)
+  goal) STEPS="env sdpa loop-compile peer loop-fp8"; LOOP_COMPILE=${LOOP_COMPILE:-graphs}; BUDGET_S=${BUDGET_S:-300} ;;
   fp8) STEPS="env fp8-shapes bare-fp8 loop-fp8" ;;
   conv) STEPS="env convergence" ;;
 esac
+BUDGET_S=${BUDGET_S:-270}
+PY=${PY:-python3}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -98,7 +101,8 @@ if [ "${FP8_EMULATE:-0}" = 1 ]; then FP8_OV+=(model.fp8_emulate=true); FP8_B+=(-
 if [ -n "${FP8_MIN_FEATURES:-}" ]; then
   FP8_OV+=("model.fp8_min_features=$FP8_MIN_FEATURES"); FP8_B+=(--fp8-min-features "$FP8_MIN_FEATURES")
 fi
-COMPILED=graphs; [ "${COMPILE:-1}" = 1 ] || { COMPILED=off; FP8_S+=(--no-compile); }  # COMPILE=0: eager (CPU test)
+SDPA_ARGS=()  # COMPILE=0 (CPU test): eager, and no compiled-block kernel list in the sdpa step
+COMPILED=graphs; [ "${COMPILE:-1}" = 1 ] || { COMPILED=off; FP8_S+=(--no-compile); SDPA_ARGS+=(--no-compile); }
 LV=(); IFS=, read -r -a LC <<< "${LOOP_COMPILE:-graphs,blocks}"
 for c in "${LC[@]}"; do LV+=(--variant "model.compile=$c"); done
 FV=(); IFS=, read -r -a FL <<< "${FP8_LOOP:-tensorwise,rowwise}"
@@ -125,8 +129,8 @@ step bare-graphs 50 "$PY" tools/bench_model.py "${H[@]}" --precision bf16 --attn
 step loop-compile $(( 50 * ${#LC[@]} )) "$PY" tools/bench_loop.py "$CONFIG" --micro-batch "$MB" --data synthetic "${L[@]}" \
   --no-base "${LV[@]}" --json "$OUT/loop_compile.json"
 # Issue #20's goal: the peer loop, FP8, and the per-call-site kernel checks (named steps only; see the top).
-step sdpa 20 "$PY" tools/gpu_check.py sdpa "$OUT" --preset "$PRESET" --img-size "$IMG" --micro-batch "$MB" \
-  ${DEVICE:+--device "$DEVICE"}
+step sdpa 30 "$PY" tools/gpu_check.py sdpa "$OUT" --preset "$PRESET" --img-size "$IMG" --micro-batch "$MB" \
+  ${DEVICE:+--device "$DEVICE"} "${SDPA_ARGS[@]}"
 step peer "${PEER_S:-120}" "$PY" tools/bench_model.py "${H[@]}" --precision peer --attn sdpa \
   --compile "${PEER_COMPILE:-full}" --json "$OUT/bare.json" --append --note "peer: hand-tuned single-GPU loop (compile ${PEER_COMPILE:-full})"
 step loop-fp8 $(( 45 * ${#FL[@]} )) "$PY" tools/bench_loop.py "$CONFIG" --micro-batch "$MB" --data synthetic "${L[@]}" \

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", default="32,128", help="sdpa, fp8-shapes: comma list")
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--fp8-emulate", action="store_true", help="fp8-shapes: emulated float8 (CPU tests)")
-    p.add_argument("--no-compile", action="store_true", help="fp8-shapes: eager (CPU tests; casts unfused)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="fp8-shapes: eager (CPU tests; casts unfused); sdpa: no compiled-block kernel list")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -47,9 +48,19 @@ def main(argv=None) -> int:
     if args.what in ("sdpa", "fp8-shapes"):
         from maescale.devtools import kernel_check as kc
 
-        if args.what == "sdpa":
-            doc, name, lines = kc.sdpa_check(args.preset, mbs, args.img_size, args.mask_ratio, args.device), \
-                "sdpa.json", kc.format_sdpa
+        if args.what == "sdpa":  # with what compile fuses around it in one encoder block
+            doc = kc.sdpa_check(args.preset, mbs, args.img_size, args.mask_ratio, args.device)
+            try:
+                if args.no_compile:
+                    raise RuntimeError("--no-compile")
+                doc["block_kernels"] = kc.block_kernels(args.preset, mbs[0], args.img_size, args.mask_ratio,
+                                                        args.device)
+            except Exception as exc:  # noqa: BLE001 - the backend table stands without it
+                doc["block_kernels"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            name = "sdpa.json"
+
+            def lines(d):
+                return kc.format_sdpa(d) + kc.format_block_kernels(d.get("block_kernels") or {})
         else:
             doc, name, lines = kc.fp8_shapes(args.preset, mbs, args.img_size, args.mask_ratio, device=args.device,
                                              emulate=args.fp8_emulate, compile=not args.no_compile), \

@@ -189,9 +189,11 @@ def format_report(report: dict[str, Any]) -> str:
     dec = report.get("decode")
     if dec:
         lines += _decode_lines(dec)
-    from maescale.devtools.kernel_check import format_fp8_shapes, format_sdpa
+    from maescale.devtools.kernel_check import format_block_kernels, format_fp8_shapes, format_sdpa
 
-    lines += format_sdpa(report.get("sdpa") or {}) + format_fp8_shapes(report.get("fp8_shapes") or {})
+    sdpa = report.get("sdpa") or {}
+    lines += (format_sdpa(sdpa) + format_block_kernels(sdpa.get("block_kernels") or {})
+              + format_fp8_shapes(report.get("fp8_shapes") or {}))
     for g in report.get("goals", []):
         state = "no peer measured" if g["met"] is None else ("met" if g["met"] else "NOT MET")
         lines.append(f"goal mb {g['micro_batch']}: {g['what']} {f(g['value'], '.2f')} (target >= {g['target']}): "

@@ -221,3 +221,48 @@ def format_fp8_shapes(doc: dict[str, Any]) -> list[str]:
         out.append(f"fp8 shape {site} {i}x{o} mb {mb} ({g['row']['rows']} rows, {g['row']['layers']} layers): "
                    + ", ".join(parts))
     return out
+
+
+def block_kernels(preset: str, micro_batch: int, img_size: int = 224, mask_ratio: float = 0.75,
+                  device: str | None = None) -> dict[str, Any]:
+    """The kernels inductor generates for one compiled encoder block (forward and backward), by
+    name: which of layer norm, residual adds, bias + GELU it fuses (names list the fused aten ops),
+    and what stays an extern call (GEMMs, attention)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from maescale.models import create_model
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    site = attention_sites(preset, img_size, mask_ratio)[0]
+    model = create_model(preset, img_size=img_size, device="meta")
+    blk = model.blocks[0].to_empty(device=dev).to(dtype)
+    for p in blk.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(micro_batch, int(site["tokens"]), PRESETS[preset].embed_dim, device=dev, dtype=dtype,
+                    requires_grad=True)
+    compiled = torch.compile(blk)
+
+    def run() -> None:
+        compiled(x).float().square().sum().backward()
+
+    _, codes = run_and_get_code(run)
+    out: dict[str, Any] = {"preset": preset, "micro_batch": micro_batch, "device": str(dev)}
+    for name, code in zip(("forward", "backward"), codes):
+        out[name] = {"kernels": re.findall(r"^(cpp_fused_\w+|triton_\w+) = ", code, re.M),
+                     "extern": re.findall(r"(extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", code)}
+    torch._dynamo.reset()
+    return out
+
+
+def format_block_kernels(doc: dict[str, Any]) -> list[str]:
+    """Report lines of :func:`block_kernels`."""
+    out = []
+    for name in ("forward", "backward"):
+        if name in doc:
+            k = doc[name]
+            out.append(f"compiled encoder block {name}: {len(k['kernels'])} generated kernels "
+                       f"({', '.join(k['kernels'])}); extern: {', '.join(k['extern'])}")
+    return out
