@@ -322,3 +322,23 @@ def test_packed_qkv_backward_drops_the_copy_after_the_stack():
     assert "aten::stack" in ops_timm and "aten::clone" in ops_timm
     assert "aten::stack" in ops and "aten::clone" not in ops and "aten::copy_" not in ops, ops
     assert len(ops) < len(ops_timm)
+
+
+def test_full_regions_compile_marks_every_block_and_keeps_names(monkeypatch):
+    """model.compile=full_regions: the whole forward compiled, each block one nested compile region
+    (the same function for all blocks, so it is traced once per block shape). Compile time measured
+    on CPU: bench/compile_time_cpu.json."""
+    from maescale.models import mae
+
+    m = tiny()
+    keys = list(m.state_dict())
+    m.compile_model("full_regions")
+    assert list(m.state_dict()) == keys
+    regions = {blk.forward.__func__ for blk in [*m.blocks, *m.decoder_blocks]}
+    assert regions == {mae._block_region()}
+
+    mae._block_region.cache_clear()
+    monkeypatch.delattr(torch.compiler, "nested_compile_region")
+    with pytest.raises(RuntimeError, match="model.compile=full_regions needs torch.compiler.nested_compile_region"):
+        tiny().compile_model("full_regions")
+    mae._block_region.cache_clear()
