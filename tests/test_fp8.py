@@ -78,7 +78,8 @@ def test_config_accepts_recipes_and_off():
     ({"fp8": "e4m3"}, "model.fp8", "expected"),
     ({"fp8_emulate": True}, "model.fp8_emulate", "model.fp8=off does not run"),
     ({"fp8": "tensorwise", "fp8_min_features": 8, "name": "mae_vit_huge_patch14"}, "model.fp8_min_features", ">= 16"),
-    ({"fp8": "tensorwise", "name": "mae_vit_base_patch16"}, "model.fp8", "768x768.*at least model.fp8_min_features=1024"),
+    ({"fp8": "tensorwise", "name": "mae_vit_base_patch16"}, "model.fp8",
+     "768x768.*at least model.fp8_min_features=1024"),
     ({"fp8": "rowwise", "name": "mae_vit_tiny_patch4"}, "model.fp8", "no linear layer of mae_vit_tiny_patch4"),
 ])
 def test_config_errors_name_the_key(model, key, match):

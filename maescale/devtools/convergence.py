@@ -61,7 +61,8 @@ def run_variant(config: str, name: str, steps: int, micro_batch: int, shards: st
             raise RuntimeError(f"expected a loss for each of the {steps} steps, got {len(res['steps'])}")
     except Exception as exc:  # a variant failing must not lose the others' curves
         log.exception("convergence variant %s failed", name)
-        res["status"], res["reason"] = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        res["status"], res["reason"] = "error", f"{type(exc).__name__}: {first}"
     finally:
         shutil.rmtree(out, ignore_errors=True)
         gc.collect()
@@ -72,9 +73,10 @@ def run_variant(config: str, name: str, steps: int, micro_batch: int, shards: st
     return res
 
 
-def run_convergence(config: str, steps: int, micro_batch: int, shards: str, recipes: Sequence[str] = ("tensorwise", "rowwise"),
-                    overrides: Sequence[str] = (), fp8_overrides: Sequence[str] = (), baseline_twice: bool = True,
-                    smooth: int = 20, workdir: str | None = None) -> dict[str, Any]:
+def run_convergence(config: str, steps: int, micro_batch: int, shards: str,
+                    recipes: Sequence[str] = ("tensorwise", "rowwise"), overrides: Sequence[str] = (),
+                    fp8_overrides: Sequence[str] = (), baseline_twice: bool = True, smooth: int = 20,
+                    workdir: str | None = None) -> dict[str, Any]:
     """bf16 (twice with ``baseline_twice``) and each FP8 recipe, then :func:`compare`."""
     plan = [(BASELINE, ["model.fp8=off"])]
     if baseline_twice:

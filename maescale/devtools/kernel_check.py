@@ -121,7 +121,6 @@ def sdpa_check(preset: str, micro_batches: list[int], img_size: int = 224, mask_
             log.info("sdpa %s mb=%d: default %s %.3f ms, %s", site["site"], mb, row["default"], row["ms"]["default"],
                      ", ".join(f"{k} {v:.3f}" for k, v in row["ms"].items() if k != "default"))
             rows.append(row)
-            del qkv, q, k, v, grad
     return {"preset": preset, "img_size": img_size, "mask_ratio": mask_ratio, "device": str(dev), "rows": rows}
 
 

@@ -12,7 +12,8 @@ import torch
 
 from maescale.export import FP32_RTOL, read_export
 from maescale.models import create_model
-from tests.helpers import REPO, TINY, assert_same_weights, base_overrides, clean_env, final_weights, run_train, train_cmd
+from tests.helpers import (REPO, TINY, assert_same_weights, base_overrides, clean_env, final_weights, run_train,
+                           train_cmd)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("torchao.float8")
