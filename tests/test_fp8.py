@@ -162,3 +162,28 @@ def test_conversion_leaves_the_random_stream_alone():
     torch.manual_seed(0)
     build_model(fp8.model)
     assert torch.equal(torch.rand(4), after_plain)
+
+
+@pytest.mark.slow
+def test_float8_block_compiles_and_matches_eager():
+    """The loop compiles the blocks (model.compile): an FP8 block traces through torch.compile and
+    gives the eager block's output and gradients."""
+    import copy
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_tiny_patch4", img_size=32)
+    convert_to_fp8(model, "tensorwise", emulate=True, min_features=16, device="cpu")
+    eager = model.blocks[0]
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    x = torch.randn(4, 17, 64)
+    outs, grads = [], []
+    for blk in (eager, compiled):
+        xi = x.clone().requires_grad_(True)
+        y = blk(xi)
+        y.square().mean().backward()
+        outs.append(y.detach())
+        grads.append((xi.grad, blk.mlp.fc1.weight.grad))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads[0], grads[1]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
