@@ -15,7 +15,6 @@ from maescale.devtools.convergence import compare, smoothed
 from tests.helpers import REPO, clean_env
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("torchao.float8")
 
 
 def test_convergence_tool_writes_curves_gaps_and_picture(tmp_path):

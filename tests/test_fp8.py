@@ -13,7 +13,6 @@ from maescale.models import PRESETS, build_model, create_model
 from maescale.models.fp8 import (FP8_MIN_FEATURES, FP8UnavailableError, check_fp8_support, convert_to_fp8,
                                  fp8_layer_rule, fp8_plan, hardware_problem, module_filter)
 
-pytest.importorskip("torchao.float8")
 
 ENCODER_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 

@@ -16,7 +16,6 @@ from tests.helpers import (REPO, TINY, assert_same_weights, base_overrides, clea
                            train_cmd)
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("torchao.float8")
 
 FP8 = {"model.fp8": "tensorwise", "model.fp8_emulate": "true", "model.fp8_min_features": 16,
        "train.precision": "bf16", "train.image_every": 0}
