@@ -61,8 +61,8 @@ class ModelConfig:
     attn_impl: Literal["sdpa", "math", "flash", "cudnn", "flash_attn"] = "sdpa"
     act_ckpt_every: int = 0  # checkpoint every k-th block (1 = all blocks); 0 = off
     # torch.compile: false; true or "blocks" (each transformer block); "full" (the whole forward + loss);
-    # "graphs" (each block, replayed as CUDA graphs)
-    compile: Union[bool, Literal["blocks", "full", "graphs"]] = False
+    # "graphs" (each block, replayed as CUDA graphs); "full_regions" (as "full", each block compiled once and reused)
+    compile: Union[bool, Literal["blocks", "full", "graphs", "full_regions"]] = False
     # a weights file to start from: the MAE release's (encoder-only or full) or a timm ViT's state
     # dict, .pth or .safetensors (README "Start from public weights")
     init_from: str | None = None
@@ -70,6 +70,11 @@ class ModelConfig:
     # Train the decoder alone for the first N steps (the encoder's groups get lr 0, so its weights stay
     # bitwise unchanged): for a fresh decoder on a loaded encoder (model.init_from). 0 = off.
     decoder_warmup_steps: int = 0
+    # FP8 GEMMs in the encoder's linear layers (torchao float8 training; see maescale/models/fp8.py):
+    # off | tensorwise (one scale per tensor) | rowwise (one per row). Needs a GPU of compute capability >= 8.9.
+    fp8: Union[bool, Literal["off", "tensorwise", "rowwise"]] = "off"
+    fp8_emulate: bool = False  # FP8 rounding with high-precision matmuls, on any device (tests; slow)
+    fp8_min_features: int | None = None  # smallest in/out features converted; null: FP8_MIN_FEATURES
 
 
 @dataclass
@@ -565,6 +570,7 @@ def validate(cfg: Config) -> None:
     _check(m.act_ckpt_every >= 0, "model.act_ckpt_every", m.act_ckpt_every, "0 (off) or k >= 1 (every k-th block)")
     _check(bool(m.init_from) or not m.init_resample_patch, "model.init_resample_patch", m.init_resample_patch,
            "false unless model.init_from names a file to resample")
+    _validate_fp8(m)
 
     _check(d.num_samples is None or d.num_samples > 0, "data.num_samples", d.num_samples, "null or a positive integer")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")
@@ -696,6 +702,29 @@ def _validate_lean_step(cfg: Config) -> None:
         _check(False, "deepspeed.extra.bf16.check_grad_overflow", False,
                "true without the lean step (it would let non-finite steps through unchecked); deepspeed.lean_step "
                "turns it off safely for ZeRO-1/2 without clipping")
+
+
+def _validate_fp8(m: ModelConfig) -> None:
+    """``model.fp8*``: a named recipe, emulation only with a recipe, and at least one layer to convert."""
+    from maescale.models.fp8 import FP8_DIM_MULTIPLE, FP8_MIN_FEATURES, fp8_plan
+    from maescale.models.presets import PRESETS
+
+    _check(m.fp8 is not True, "model.fp8", m.fp8, "off, tensorwise or rowwise (name the recipe)")
+    _check(m.fp8_min_features is None or m.fp8_min_features >= FP8_DIM_MULTIPLE, "model.fp8_min_features",
+           m.fp8_min_features, f"null (default {FP8_MIN_FEATURES}) or an integer >= {FP8_DIM_MULTIPLE}")
+    on = m.fp8 not in (False, "off")
+    if m.fp8_emulate and not on:
+        raise ConfigError("model.fp8_emulate=true emulates FP8 training, which model.fp8=off does not run: set "
+                          "model.fp8=tensorwise or rowwise, or drop model.fp8_emulate", key="model.fp8_emulate")
+    if on and m.name in PRESETS:
+        plan = fp8_plan(PRESETS[m.name], m.fp8_min_features, m.in_chans)
+        if not any(p.fp8 for p in plan):
+            enc = sorted({(p.in_features, p.out_features) for p in plan if p.name.startswith("blocks.")})
+            raise ConfigError(
+                f"got {m.fp8!r}, but no linear layer of {m.name} qualifies for FP8 (encoder block linears "
+                f"{', '.join(f'{i}x{o}' for i, o in enc)}; both sides must be multiples of {FP8_DIM_MULTIPLE} and at "
+                f"least model.fp8_min_features={m.fp8_min_features or FP8_MIN_FEATURES}): set model.fp8=off, or "
+                "lower model.fp8_min_features", key="model.fp8")
 
 
 def _validate_eval(e: EvalConfig) -> None:

@@ -36,3 +36,48 @@ def test_gpu_check_script_runs_and_reports(tmp_path):
     assert "micro-batch 8:" in proc.stdout and "SKIPPED" not in proc.stdout
     assert "decode 100x80: batch" in proc.stdout and "images_same_as_sync': True" in proc.stdout
     assert proc.returncode in (0, 1)  # 1: the CPU loop below 0.9x the bare step, which only a GPU run judges
+
+
+def test_gpu_check_goal_and_fp8_steps_run_and_report(tmp_path):
+    """The steps of issue #20's goal on a CPU (tiny preset, emulated FP8, nothing compiled): the peer
+    loop, the FP8 loop and bare step, the SDPA and FP8-shape checks, and the report's ratios."""
+    import sys
+
+    out = tmp_path / "out"
+    env = clean_env({"OUT": str(out), "PY": sys.executable, "PRESET": "mae_vit_tiny_patch4",
+                     "CONFIG": "configs/tiny.yaml", "IMG": "32", "MB": "8", "WORKERS": "1", "COMPILE": "0",
+                     "PEER_COMPILE": "off", "BUDGET_S": "900", "DEVICE": "cpu", "FP8_EMULATE": "1",
+                     "FP8_MIN_FEATURES": "16", "FP8_LOOP": "tensorwise,rowwise",
+                     "CONV_CONFIG": "configs/tiny.yaml", "CONV_STEPS": "6", "CONV_MB": "8", "CONV_IMAGES": "32",
+                     "CONV_IMAGE_SIZE": "64x48", "CONV_ARGS": "train.precision=bf16",
+                     "STEPS": "env sdpa peer loop-synthetic loop-fp8 bare-fp8 fp8-shapes convergence"})
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert (out / "gpu_check.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    rows = report["rows"]
+    assert [r for r in rows if r["kind"] == "failed"] == [], proc.stdout[-3000:]
+    assert {r["kind"] for r in rows} == {"peer", "bare", "loop-synthetic"}
+    assert {(r["kind"], r["fp8"]) for r in rows} >= {("peer", "off"), ("bare", "tensorwise"), ("bare", "rowwise"),
+                                                     ("loop-synthetic", "off"), ("loop-synthetic", "tensorwise"),
+                                                     ("loop-synthetic", "rowwise")}
+    got = report["ratios"]["8"]
+    for key in ("best_loop_vs_peer", "bf16_loop_vs_peer", "fp8_loop_vs_bf16_loop", "loop_vs_bare[tensorwise]",
+                "loop_vs_bare[rowwise]", "best_loop_mfu"):
+        assert key in got, got
+    assert abs(got["best_loop_vs_peer"] - max(r["images_per_s"] for r in rows if r["kind"] == "loop-synthetic")
+               / next(r["images_per_s"] for r in rows if r["kind"] == "peer")) < 1e-9
+    sites = {(r["site"], r["head_dim"], r["tokens"]) for r in report["sdpa"]["rows"]}
+    assert sites == {("encoder", 32, 17), ("decoder", 16, 65)}  # tiny: 64 patches, 16 visible
+    assert all(r["default"] == "flash(cpu)" and "math" in r["ms"] for r in report["sdpa"]["rows"])
+    shapes = report["fp8_shapes"]["rows"]
+    assert {r["variant"] for r in shapes} == {"bf16", "tensorwise", "rowwise"}
+    assert all("ms" in r for r in shapes) and any("speedup_vs_bf16" in r for r in shapes)
+    for text in ("sdpa encoder mb 8 (hd 32, 17 tokens): picks flash(cpu)", "fp8 shape encoder 64x192 mb 8",
+                 "micro-batch 8: "):
+        assert text in proc.stdout, proc.stdout[-3000:]
+    assert "SKIPPED" not in proc.stdout
+    conv = json.loads((out / "convergence.json").read_text())
+    assert [c["variant"] for c in conv["curves"] if c["status"] == "ok"] == ["bf16", "bf16 (repeat)", "tensorwise",
+                                                                              "rowwise"]
+    assert (out / "convergence.png").is_file() and not (out / "conv_shards").exists()

@@ -262,3 +262,83 @@ def test_regional_compile_keeps_parameter_names():
     keys = list(m.state_dict())
     m.compile_blocks()
     assert list(m.state_dict()) == keys  # checkpoints and exports keep the MAE/timm names
+
+
+# ---------------------------------------------------------------- packed qkv layout
+def _timm_attention_twin(m: MaskedAutoencoderViT) -> MaskedAutoencoderViT:
+    """The same model with timm's own ``Attention`` (permute(2, 0, 3, 1, 4).unbind(0)) in every block."""
+    import copy
+
+    from timm.layers import Attention
+
+    twin = copy.deepcopy(m)
+    for blk in [*twin.blocks, *twin.decoder_blocks]:
+        blk.attn.__class__ = Attention
+    return twin
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_packed_qkv_layout_same_outputs_grads_and_names_as_timm(impl):
+    m = tiny(attn_impl=impl)
+    ref = _timm_attention_twin(m)
+    if impl == "math":
+        for blk in [*ref.blocks, *ref.decoder_blocks]:
+            blk.attn.fused_attn = False
+    assert list(m.state_dict()) == list(ref.state_dict())
+    imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    loss, pred, _ = m(imgs, noise=noise)
+    loss_ref, pred_ref, _ = ref(imgs, noise=noise)
+    loss.backward()
+    loss_ref.backward()
+    assert torch.allclose(pred, pred_ref, atol=1e-6, rtol=1e-5)
+    grads, grads_ref = dict(m.named_parameters()), dict(ref.named_parameters())
+    for name, p in grads.items():
+        assert torch.allclose(p.grad, grads_ref[name].grad, atol=1e-6, rtol=1e-5), name
+
+
+def _backward_ops(attn: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    y = attn(x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y.backward(torch.ones_like(y))
+    return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+
+def test_packed_qkv_backward_drops_the_copy_after_the_stack():
+    """Eager backward of one attention layer, by aten op names: timm's layout stacks dq/dk/dv into
+    (3, B, H, N, D) and copies that into the (B, N, 3C) layout the qkv linear needs (clone); ours
+    stacks straight into that layout, so only the stack is left (no SDPA backend writes packed grads)."""
+    from timm.layers import Attention
+
+    from maescale.models.mae import MAEAttention
+
+    torch.manual_seed(0)
+    ours = MAEAttention(64, num_heads=4, qkv_bias=True)
+    timm_attn = Attention(64, num_heads=4, qkv_bias=True)
+    timm_attn.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 17, 64, requires_grad=True)
+    ops, ops_timm = _backward_ops(ours, x), _backward_ops(timm_attn, x)
+    assert "aten::stack" in ops_timm and "aten::clone" in ops_timm
+    assert "aten::stack" in ops and "aten::clone" not in ops and "aten::copy_" not in ops, ops
+    assert len(ops) < len(ops_timm)
+
+
+def test_full_regions_compile_marks_every_block_and_keeps_names(monkeypatch):
+    """model.compile=full_regions: the whole forward compiled, each block one nested compile region
+    (the same function for all blocks, so it is traced once per block shape). Compile time measured
+    on CPU: bench/compile_time_cpu.json."""
+    from maescale.models import mae
+
+    m = tiny()
+    keys = list(m.state_dict())
+    m.compile_model("full_regions")
+    assert list(m.state_dict()) == keys
+    regions = {blk.forward.__func__ for blk in [*m.blocks, *m.decoder_blocks]}
+    assert regions == {mae._block_region()}
+
+    mae._block_region.cache_clear()
+    monkeypatch.delattr(torch.compiler, "nested_compile_region")
+    with pytest.raises(RuntimeError, match="model.compile=full_regions needs torch.compiler.nested_compile_region"):
+        tiny().compile_model("full_regions")
+    mae._block_region.cache_clear()

@@ -53,12 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn", type=_list(str), default=["sdpa", "math"],
                    help="comma list of sdpa,math,flash,cudnn,flash_attn")
     p.add_argument("--compile", type=_list(_compile_mode), default=["off"],
-                   help="comma list of off,blocks (= on),full,graphs (full + CUDA graphs)")
+                   help="comma list of off,blocks (= on),full,graphs (blocks + CUDA graphs),full_regions")
     p.add_argument("--ckpt", type=_list(int), default=None,
                    help="act_ckpt_every values, comma list (0 = off); default 0 (speed), 0,1 (memory)")
+    p.add_argument("--fp8", type=_list(str), default=["off"],
+                   help="comma list of off,tensorwise,rowwise: the encoder's linears in float8 (model.fp8)")
+    p.add_argument("--fp8-emulate", action="store_true", help="emulated float8 (model.fp8_emulate; CPU tests)")
+    p.add_argument("--fp8-min-features", type=int, default=None, help="model.fp8_min_features (default: the rule's)")
     p.add_argument("--grid", choices=("product", "axes"), default="product",
                    help="product: every combination; axes: first of each list, then one axis changed at a time")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: bf16 on CUDA, fp32 on CPU; peer: the hand-tuned user loop (autocast, timm attention)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10, help="timed windows")
@@ -138,11 +143,11 @@ def main(argv=None) -> int:
         return 0
 
     img = args.img_size or (32 if args.preset == "mae_vit_tiny_patch4" else 224)
-    variants = variants_from(args.attn, args.compile, args.ckpt or [0], args.grid)
+    variants = variants_from(args.attn, args.compile, args.ckpt or [0], args.grid, args.fp8)
     print(flops_summary(args.preset, img, args.mask_ratio))
     results, env = run_bench(args.preset, args.micro_batch, variants, img, args.mask_ratio, args.precision,
                              args.device, args.warmup, args.repeats, args.peak_tflops, args.interleave, args.window,
-                             args.profile)
+                             args.profile, args.fp8_emulate, args.fp8_min_features)
     print(format_results(results, env))
     if args.json:
         _write_json(args.json, {"kind": "speed", "date": when, "note": args.note, "args": vars(args), "env": env,

@@ -15,8 +15,14 @@ Precision: ``bf16`` is DeepSpeed's bf16 mode on one device, with its flat buffer
 with the AdamW state; per step the gradients are flattened into one buffer, cast to fp32, stepped
 by the fused AdamW and copied back (16 bytes/param + an fp32 gradient copy). ``autocast`` keeps
 fp32 weights and runs the forward under bf16 autocast (plain PyTorch, what most MAE code does).
-``fp32`` is plain fp32 (the CPU default: CPU bf16 speed says little about GPUs). No ZeRO and no
-communication here: one device, the single-GPU ceiling the real loop is measured against.
+``fp32`` is plain fp32 (the CPU default: CPU bf16 speed says little about GPUs). ``peer`` is the
+hand-tuned single-GPU loop a user would write, the baseline of issue #20's goal: ``autocast`` with
+timm's own ``Attention`` in every block (timm-style MAE), fused AdamW, ``zero_grad(set_to_none)``;
+run it with ``compile=full`` (``torch.compile`` of the model). No ZeRO and no communication here:
+one device, the single-GPU ceiling the real loop is measured against.
+
+FP8 (``Variant.fp8``): the encoder's linear layers as torchao float8 layers
+(:mod:`maescale.models.fp8`); MFU still counts the model's FLOPs against the bf16 peak.
 
 Compile modes (:meth:`maescale.models.mae.MaskedAutoencoderViT.compile_model`): ``blocks`` (each
 transformer block), ``full`` (the whole forward with the loss), ``graphs`` (each block with CUDA
@@ -46,14 +52,17 @@ from maescale.models.mae import AttentionUnavailableError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("bf16", "autocast", "fp32")
+PRECISIONS = ("bf16", "autocast", "fp32", "peer")
+FP8_OPTIONS = ("off", "tensorwise", "rowwise")
+_FP8_LABEL = {"off": "", "tensorwise": "+fp8t", "rowwise": "+fp8r"}
 
 __all__ = ["Variant", "BenchResult", "variants_from", "unavailable_reason", "bench_variant", "run_bench",
            "format_results", "environment", "PRECISIONS"]
 
 
-COMPILE_OPTIONS = ("off", "blocks", "full", "graphs")
-_COMPILE_LABEL = {"off": "", "blocks": "+compile", "full": "+compile-full", "graphs": "+cudagraphs"}
+COMPILE_OPTIONS = ("off", "blocks", "full", "graphs", "full_regions")
+_COMPILE_LABEL = {"off": "", "blocks": "+compile", "full": "+compile-full", "graphs": "+cudagraphs",
+                  "full_regions": "+compile-full-regions"}
 
 
 @dataclass(frozen=True)
@@ -61,35 +70,40 @@ class Variant:
     attn_impl: str = "sdpa"
     compile: str = "off"  # one of COMPILE_OPTIONS
     act_ckpt_every: int = 0
+    fp8: str = "off"  # one of FP8_OPTIONS: the encoder's linears in float8 (maescale.models.fp8)
 
     def __post_init__(self) -> None:
         if self.compile is True or self.compile is False:  # older callers: on/off
             object.__setattr__(self, "compile", "blocks" if self.compile else "off")
         if self.compile not in COMPILE_OPTIONS:
             raise ValueError(f"compile must be one of {COMPILE_OPTIONS}, got {self.compile!r}")
+        if self.fp8 not in FP8_OPTIONS:
+            raise ValueError(f"fp8 must be one of {FP8_OPTIONS}, got {self.fp8!r}")
 
     @property
     def label(self) -> str:
         ckpt = f"+ckpt{self.act_ckpt_every}" if self.act_ckpt_every else ""
-        return f"{self.attn_impl}{_COMPILE_LABEL[self.compile]}{ckpt}"
+        return f"{self.attn_impl}{_COMPILE_LABEL[self.compile]}{ckpt}{_FP8_LABEL[self.fp8]}"
 
     @property
     def compiled(self) -> bool:
         return self.compile != "off"
 
 
-def variants_from(attn: list[str], compile_opts: list[str], ckpt: list[int], grid: str = "product") -> list[Variant]:
+def variants_from(attn: list[str], compile_opts: list[str], ckpt: list[int], grid: str = "product",
+                  fp8: list[str] = ("off",)) -> list[Variant]:
     """``product``: every combination. ``axes``: the first of each list as the baseline, then one
-    axis changed at a time (``len(attn) + len(compile) + len(ckpt) - 2`` variants)."""
+    axis changed at a time (``len(attn) + len(compile) + len(ckpt) + len(fp8) - 3`` variants)."""
     if grid == "product":
-        return [Variant(a, c, k) for a, c, k in itertools.product(attn, compile_opts, ckpt)]
+        return [Variant(a, c, k, f) for a, c, k, f in itertools.product(attn, compile_opts, ckpt, fp8)]
     if grid != "axes":
         raise ValueError(f"grid must be 'product' or 'axes', got {grid!r}")
-    base = Variant(attn[0], compile_opts[0], ckpt[0])
+    base = Variant(attn[0], compile_opts[0], ckpt[0], fp8[0])
     out = [base]
-    out += [Variant(a, base.compile, base.act_ckpt_every) for a in attn[1:]]
-    out += [Variant(base.attn_impl, c, base.act_ckpt_every) for c in compile_opts[1:]]
-    out += [Variant(base.attn_impl, base.compile, k) for k in ckpt[1:]]
+    out += [Variant(a, base.compile, base.act_ckpt_every, base.fp8) for a in attn[1:]]
+    out += [Variant(base.attn_impl, c, base.act_ckpt_every, base.fp8) for c in compile_opts[1:]]
+    out += [Variant(base.attn_impl, base.compile, k, base.fp8) for k in ckpt[1:]]
+    out += [Variant(base.attn_impl, base.compile, base.act_ckpt_every, f) for f in fp8[1:]]
     return out
 
 
@@ -104,6 +118,7 @@ class BenchResult:
     act_ckpt_every: int
     precision: str
     device: str
+    fp8: str = "off"
     status: str = "ok"  # ok | skipped | oom | error
     reason: str | None = None
     step_ms: float | None = None  # median
@@ -124,7 +139,7 @@ class BenchResult:
 
     @property
     def label(self) -> str:
-        return Variant(self.attn_impl, self.compile, self.act_ckpt_every).label
+        return Variant(self.attn_impl, self.compile, self.act_ckpt_every, self.fp8).label
 
     def as_dict(self) -> dict:
         return asdict(self) | {"variant": self.label}
@@ -163,8 +178,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def unavailable_reason(v: Variant, device: torch.device, precision: str) -> str | None:
+def unavailable_reason(v: Variant, device: torch.device, precision: str, fp8_emulate: bool = False) -> str | None:
     """Why variant ``v`` cannot run here (None when it can): checked up front to skip cleanly."""
+    if v.fp8 != "off":
+        from maescale.models.fp8 import FP8UnavailableError, check_fp8_support
+
+        try:
+            check_fp8_support(v.fp8, device, fp8_emulate)
+        except FP8UnavailableError as exc:
+            return str(exc)
     if v.attn_impl in ("flash", "cudnn", "flash_attn"):
         if device.type != "cuda":
             return f"attn_impl={v.attn_impl} needs a CUDA GPU (device is {device.type})"
@@ -227,7 +249,7 @@ class _Step:
         self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
-        if self.precision == "autocast":
+        if self.precision in ("autocast", "peer"):
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 loss = self.model(imgs)[0]
         else:
@@ -258,21 +280,33 @@ class _Step:
         return loss.detach()
 
 
+def _use_timm_attention(model: torch.nn.Module) -> None:
+    """The peer's model: timm's own ``Attention`` in every block (same parameters; timm's
+    ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`` layout and fused SDPA)."""
+    from timm.layers import Attention
+
+    for blk in [*model.blocks, *model.decoder_blocks]:
+        blk.attn.__class__ = Attention
+        blk.attn.fused_attn = True
+
+
 class _Runner:
     """One variant at one micro-batch: built, warmed up, then timed step by step; any failure
     (out of memory, unavailable kernel, error) ends up in ``res.status`` instead of raising."""
 
     def __init__(self, preset: str, v: Variant, micro_batch: int, img_size: int, mask_ratio: float,
-                 precision: str, device: torch.device, peak_tflops: float | None, seed: int = 0):
+                 precision: str, device: torch.device, peak_tflops: float | None, seed: int = 0,
+                 fp8_emulate: bool = False, fp8_min_features: int | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.v, self.device, self.micro_batch = v, device, micro_batch
+        self.fp8_emulate, self.fp8_min_features = fp8_emulate, fp8_min_features
         self.res = BenchResult(preset, img_size, mask_ratio, micro_batch, v.attn_impl, v.compile, v.act_ckpt_every,
-                               precision, str(device))
+                               precision, str(device), fp8=v.fp8)
         self.times: list[float] = []
         self.step = self.imgs = self.loss = None
         self.track_peak = True  # off when several runners share the device (interleaved)
-        reason = unavailable_reason(v, device, precision)
+        reason = unavailable_reason(v, device, precision, fp8_emulate)
         if reason:
             self.res.status, self.res.reason = "skipped", reason
             return
@@ -309,6 +343,13 @@ class _Runner:
         model = create_model(preset, img_size=img_size, mask_ratio=mask_ratio, attn_impl=self.v.attn_impl,
                              act_ckpt_every=self.v.act_ckpt_every, device=self.device)
         model.train()
+        if precision == "peer":
+            _use_timm_attention(model)
+        if self.v.fp8 != "off":
+            from maescale.models.fp8 import convert_to_fp8
+
+            self.res.extra["fp8_layers"] = len(convert_to_fp8(model, self.v.fp8, self.fp8_emulate,
+                                                              self.fp8_min_features, self.device))
         self.step = _Step(model, precision, self.device)
         if self.v.compiled:
             model.compile_model(self.v.compile)
@@ -380,10 +421,11 @@ class _Runner:
 def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224, mask_ratio: float = 0.75,
                   precision: str = "bf16", device: torch.device | str = "cuda", warmup: int = 3, repeats: int = 10,
                   peak_tflops: float | None = None, seed: int = 0, window: int = 1,
-                  profile: bool = False) -> BenchResult:
+                  profile: bool = False, fp8_emulate: bool = False, fp8_min_features: int | None = None) -> BenchResult:
     """Time one variant at one micro-batch (see the module docstring): ``repeats`` windows of
     ``window`` back-to-back steps; ``profile``: one more window under the profiler."""
-    r = _Runner(preset, v, micro_batch, img_size, mask_ratio, precision, torch.device(device), peak_tflops, seed)
+    r = _Runner(preset, v, micro_batch, img_size, mask_ratio, precision, torch.device(device), peak_tflops, seed,
+                fp8_emulate, fp8_min_features)
     r.warmup(warmup)
     for _ in range(repeats):
         if not r.ok:
@@ -400,7 +442,8 @@ def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224
 def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], img_size: int = 224,
               mask_ratio: float = 0.75, precision: str | None = None, device: str | None = None, warmup: int = 3,
               repeats: int = 10, peak_tflops: float | None = None, interleave: bool = False, window: int = 1,
-              profile: bool = False) -> tuple[list[BenchResult], dict]:
+              profile: bool = False, fp8_emulate: bool = False,
+              fp8_min_features: int | None = None) -> tuple[list[BenchResult], dict]:
     """All ``variants`` at all ``micro_batches``; returns the results and the environment.
 
     ``interleave``: build every variant of a micro-batch at once and time their steps in turn
@@ -422,14 +465,16 @@ def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], im
             for v in variants:
                 log.info("%s mb=%d %s ...", preset, mb, v.label)
                 r = bench_variant(preset, v, mb, img_size, mask_ratio, precision, dev, warmup, repeats, peak_tflops,
-                                  window=window, profile=profile)
+                                  window=window, profile=profile, fp8_emulate=fp8_emulate,
+                                  fp8_min_features=fp8_min_features)
                 log.info("  %s", _line(r, None))
                 results.append(r)
             continue
         runners = []
         for v in variants:
             log.info("%s mb=%d %s: build and warm up ...", preset, mb, v.label)
-            r = _Runner(preset, v, mb, img_size, mask_ratio, precision, dev, peak_tflops)
+            r = _Runner(preset, v, mb, img_size, mask_ratio, precision, dev, peak_tflops,
+                        fp8_emulate=fp8_emulate, fp8_min_features=fp8_min_features)
             r.track_peak = False  # the device's peak would be that of all variants together
             r.warmup(warmup)
             runners.append(r)

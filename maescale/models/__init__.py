@@ -1,18 +1,21 @@
 """MAE model family: :class:`MaskedAutoencoderViT` and named presets.
 
-The model (torch, timm) is imported on first use, so that the presets reach the login-node side
-(config validation, ``tools/submit.py``, ``tools/plan.py``) without torch's ~3 s import.
+The model itself (torch, timm) is imported on first use: config validation and the login-node
+tools (``tools/submit.py``, ``tools/plan.py``) only need the presets, and torch costs them seconds.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from maescale.models.presets import PRESETS, MAEArch
 
 if TYPE_CHECKING:
     from maescale.models.mae import DECODER_KEYS, MaskedAutoencoderViT
+
+log = logging.getLogger(__name__)
 
 _LAZY = {"MaskedAutoencoderViT": "maescale.models.mae", "DECODER_KEYS": "maescale.models.mae"}
 
@@ -23,6 +26,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'maescale.models' has no attribute {name!r}")
+
 
 __all__ = ["MaskedAutoencoderViT", "PRESETS", "MAEArch", "DECODER_KEYS", "create_model", "build_model", "timm_encoder_kwargs"]
 
@@ -37,8 +41,11 @@ def create_model(name: str, **kwargs: Any) -> MaskedAutoencoderViT:
 
 
 def build_model(model_cfg: Any, device: Any = None) -> MaskedAutoencoderViT:
-    """Build the model that a :class:`maescale.config.ModelConfig` describes."""
-    return create_model(
+    """Build the model that a :class:`maescale.config.ModelConfig` describes; with ``model.fp8`` its
+    encoder's linear layers become torchao float8 layers (same parameter names; :mod:`.fp8`)."""
+    from maescale.models.fp8 import convert_to_fp8, fp8_recipe
+
+    model = create_model(
         model_cfg.name,
         img_size=model_cfg.img_size,
         in_chans=model_cfg.in_chans,
@@ -48,6 +55,15 @@ def build_model(model_cfg: Any, device: Any = None) -> MaskedAutoencoderViT:
         act_ckpt_every=model_cfg.act_ckpt_every,
         device=device,
     )
+    recipe = fp8_recipe(getattr(model_cfg, "fp8", "off"))
+    if recipe is not None:
+        emulate = getattr(model_cfg, "fp8_emulate", False)
+        model.fp8_layers = convert_to_fp8(model, recipe, emulate=emulate,
+                                          min_features=getattr(model_cfg, "fp8_min_features", None), device=device)
+        if not getattr(model_cfg, "compile", False) and not emulate:
+            log.warning("model.fp8=%s without model.compile: each float8 cast (amax, scale, cast) runs as kernels of "
+                        "its own; model.compile=graphs or blocks fuses them into the neighbouring ops", recipe)
+    return model
 
 
 def timm_encoder_kwargs(name: str, img_size: int, in_chans: int = 3) -> tuple[str, dict[str, Any]]:

@@ -11,7 +11,8 @@ release, so public checkpoints load strictly and the encoder fits timm's ``Visio
 from __future__ import annotations
 
 import math
-from functools import partial
+import types
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 ATTN_IMPLS = ("sdpa", "math", "flash", "cudnn", "flash_attn")
-COMPILE_MODES = ("blocks", "full", "graphs")
+COMPILE_MODES = ("blocks", "full", "graphs", "full_regions")
 # Parameter/buffer prefixes that belong to the decoder side (not exported with the encoder).
 DECODER_KEYS = ("decoder_", "mask_token")
 
@@ -53,7 +54,12 @@ class MAEAttention(Attention):
             out = _flash_attn_packed(qkv, self.head_dim)  # (B, N, H, D)
             out = out.reshape(B, N, self.attn_dim)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
+            # Unbind the packed (B, N, 3, H, D) layout on its own axis, then view each as (B, H, N, D):
+            # the same strided views as timm's permute(2, 0, 3, 1, 4).unbind(0), but autograd's stack of
+            # dq/dk/dv lands in (B, N, 3, H, D) order, which the qkv linear's backward reads as it is.
+            # timm's order stacks into (3, B, H, N, D) and copies once more to get back (eager; compiled
+            # blocks fuse both into one copy). No SDPA backend writes packed gradients (the stack stays).
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, N, D)
             q, k = self.q_norm(q), self.k_norm(k)
             if self.impl == "sdpa":
                 out = F.scaled_dot_product_attention(q, k, v)
@@ -105,6 +111,21 @@ def _flash_attn_packed(qkv: torch.Tensor, head_dim: int) -> torch.Tensor:
     if reason is not None:
         raise AttentionUnavailableError(f"model.attn_impl=flash_attn cannot run: {reason}")
     return flash_attn_qkvpacked_func(qkv)
+
+
+@lru_cache(maxsize=None)
+def _block_region() -> Callable:
+    """One ``Block.forward`` marked as a nested compile region (one function object, so that every
+    block of a model, and every model, reuses the same region)."""
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        raise RuntimeError(f"model.compile=full_regions needs torch.compiler.nested_compile_region (torch >= 2.8), "
+                           f"torch {torch.__version__} has not; use model.compile=full or blocks")
+
+    @torch.compiler.nested_compile_region
+    def block_forward(self: Block, x: torch.Tensor) -> torch.Tensor:
+        return Block.forward(self, x)
+
+    return block_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +410,8 @@ class MaskedAutoencoderViT(nn.Module):
     def compile_model(self, mode: str = "blocks", **kwargs) -> None:
         """``torch.compile`` the transformer blocks (``blocks``: fast to compile, one graph reused by
         every block), the whole forward with the loss (``full``: patchify, masking gathers, norms,
-        residuals and the loss fused across block boundaries), or the blocks with CUDA graphs
+        residuals and the loss fused across block boundaries; ``full_regions``: the same with each
+        block a nested compile region, compiled once and reused), or the blocks with CUDA graphs
         (``graphs``: ``mode="reduce-overhead"``, each block's kernels replayed as one graph launch,
         for micro-batches small enough that launching kernels costs more than running them).
         Parameter names are unchanged either way."""
@@ -399,6 +421,14 @@ class MaskedAutoencoderViT(nn.Module):
             self.compile_blocks(mode="reduce-overhead", **kwargs)
         elif mode == "full":
             self.compile(**kwargs)  # nn.Module.compile: compiles __call__, keeps the module (and its names)
+        elif mode == "full_regions":
+            # ``full``, with each transformer block a nested compile region: traced and compiled once
+            # per block shape (encoder, decoder) and reused, instead of unrolling all of them into
+            # one graph whose compile time grows with the depth (ViT-H: 40 blocks).
+            region = _block_region()
+            for blk in [*self.blocks, *self.decoder_blocks]:
+                blk.forward = types.MethodType(region, blk)
+            self.compile(**kwargs)
         else:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
 
