@@ -6,8 +6,11 @@ duration of a ``with`` block and records each call: the operation, the group ("c
 CPU control group, "dp" for the data-parallel group every other collective of a data-parallel job
 runs on), the elements and bytes of the tensor handed to it (the input of a reduce-scatter or
 reduce, the output of an all-gather, the tensor of an all-reduce or broadcast), whether it was
-asynchronous, and when it was issued relative to the step's backward (the step marks the start
-and end of its last micro-batch's backward). Nothing is synchronised: unlike DeepSpeed's
+asynchronous, and when it was issued relative to the step's backward: between the start of its last
+micro-batch's backward and backward's last operation, the moment the last parameter gradient
+arrived (a tensor hook on every parameter, which runs before the gradient is accumulated and before
+anything a post-accumulate hook launches), so a collective launched by the last gradient counts as
+issued after backward, as it overlaps nothing. Nothing is synchronised: unlike DeepSpeed's
 ``comms_logger``, which synchronises after every operation, the recorder leaves the overlap it
 measures alone. Off (the default) it costs nothing: nothing is wrapped.
 
@@ -58,7 +61,8 @@ class CommCall:
     dtype: str
     async_op: bool
     t: float  # time.perf_counter() at issue
-    in_backward: bool | None = None  # issued between the start and the end of the step's (last) backward
+    in_backward: bool | None = None  # issued between the start of the step's (last) backward and its last gradient
+    backward_left: float | None = None  # the share of that backward still to run when it was issued (0 after it)
 
 
 _SIGNATURES: dict[str, Any] = {}
@@ -92,17 +96,29 @@ class CommRecorder:
         self.control_group = control_group
         self.calls: list[CommCall] = []
         self.step = 0
-        self.backward: dict[int, tuple[float, float]] = {}  # step -> (start, end) of the last micro-batch's backward
+        # step -> (start of the last micro-batch's backward, arrival of its last parameter gradient)
+        self.backward: dict[int, tuple[float, float]] = {}
         self._open: float | None = None
+        self._last_grad: float | None = None
+        self._hooks: list[Any] = []
         self._saved: list[tuple[Any, str, Any]] = []
 
     # ------------------------------------------------------------------ marks from the step
+    def attach(self, model: torch.nn.Module) -> None:
+        """Watch ``model``'s parameter gradients arrive (for the end of the backward window)."""
+        self._hooks = [p.register_hook(self._grad_arrives) for p in model.parameters() if p.requires_grad]
+
+    def _grad_arrives(self, grad: torch.Tensor) -> None:
+        self._last_grad = time.perf_counter()
+
     def backward_start(self) -> None:
         self._open = time.perf_counter()
+        self._last_grad = None
 
     def backward_end(self) -> None:
         if self._open is not None:
-            self.backward[self.step] = (self._open, time.perf_counter())
+            end = self._last_grad if self._last_grad is not None else time.perf_counter()
+            self.backward[self.step] = (self._open, end)
             self._open = None
 
     # ------------------------------------------------------------------ wrapping
@@ -126,6 +142,9 @@ class CommRecorder:
         for owner, name, fn in reversed(self._saved):
             setattr(owner, name, fn)
         self._saved = []
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def _patch(self, owner: Any, name: str, fn: Callable[..., Any], kind: str, arg: str,
                fn_name: str | None = None) -> None:
@@ -155,21 +174,28 @@ class CommRecorder:
         """The calls, each marked with whether it was issued during its step's backward."""
         for c in self.calls:
             window = self.backward.get(c.step)
-            c.in_backward = window is not None and window[0] <= c.t <= window[1]
+            c.in_backward = window is not None and window[0] <= c.t < window[1]
+            c.backward_left = 0.0
+            if c.in_backward:
+                c.backward_left = (window[1] - c.t) / max(window[1] - window[0], 1e-9)
         return self.calls
 
 
 def summarize_calls(calls: list[CommCall], steps: int) -> dict[str, dict[str, dict[str, float]]]:
     """Per step (averaged over ``steps``), per group and kind: calls, elements, bytes, the share of
-    the elements issued during backward, and blocking calls."""
+    the elements issued during backward (``issued_in_backward``), the element-weighted share of
+    backward still to run at issue (``backward_left_at_issue``: what the network can hide behind),
+    and blocking calls."""
     out: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(
-        lambda: {"calls": 0.0, "elements": 0.0, "bytes": 0.0, "in_backward_elements": 0.0, "blocking_calls": 0.0}))
+        lambda: {"calls": 0.0, "elements": 0.0, "bytes": 0.0, "in_backward_elements": 0.0, "left_elements": 0.0,
+                 "blocking_calls": 0.0}))
     for c in calls:
         row = out[c.group][c.kind]
         row["calls"] += 1 / steps
         row["elements"] += c.elements / steps
         row["bytes"] += c.bytes / steps
         row["in_backward_elements"] += (c.elements if c.in_backward else 0) / steps
+        row["left_elements"] += c.elements * (c.backward_left or 0.0) / steps
         row["blocking_calls"] += (0 if c.async_op else 1) / steps
     result: dict[str, dict[str, dict[str, float]]] = {}
     for group, kinds in out.items():
@@ -177,6 +203,7 @@ def summarize_calls(calls: list[CommCall], steps: int) -> dict[str, dict[str, di
         for kind, row in kinds.items():
             row = dict(row)
             row["issued_in_backward"] = row.pop("in_backward_elements") / row["elements"] if row["elements"] else 0.0
+            row["backward_left_at_issue"] = row.pop("left_elements") / row["elements"] if row["elements"] else 0.0
             result[group][kind] = row
     return result
 
@@ -188,7 +215,8 @@ def format_summary(rank: int, summary: dict[str, dict[str, dict[str, float]]]) -
         for kind, row in sorted(summary[group].items()):
             lines.append(f"rank {rank} {group:<7} {kind:<15} {row['calls']:6.1f} calls/step {row['elements']:14,.0f} "
                          f"elements/step {row['bytes'] / 2**20:10.2f} MiB/step  issued in backward "
-                         f"{100 * row['issued_in_backward']:5.1f}%  blocking {row['blocking_calls']:.1f}/step")
+                         f"{100 * row['issued_in_backward']:5.1f}% (with {100 * row['backward_left_at_issue']:4.1f}% "
+                         f"of it left)  blocking {row['blocking_calls']:.1f}/step")
     return lines
 
 

@@ -111,7 +111,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_tokens: bool = 
     * ``layout`` (a checkpoint's recorded groups: name, decay flag, parameter names): exactly
       those groups, so a resumed run keeps the partition layout its optimizer state was saved in.
     * ``bucket_elements`` None: two groups, ``decay`` and ``no_decay`` (the layout of runs before
-      bucketing; still what ZeRO-2/3 and DeepSpeed's own step use).
+      bucketing, :func:`legacy_layout`).
     * else buckets in backward order: the decoder's decayed layers from the output down, cut into
       buckets of at least ``bucket_elements`` at layer boundaries, then the decoder's no-decay
       group, then the encoder's decayed layers from the top block down, then its no-decay group;
@@ -191,15 +191,17 @@ def param_group_names(model: nn.Module, weight_decay: float, **kwargs: Any) -> d
     return {g["name"]: [ids[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay, **kwargs)}
 
 
-def resolve_bucket_elements(cfg: Config, model: nn.Module) -> int | None:
-    """Elements per gradient bucket for this run (None: no bucketing, the two-group layout)."""
-    if not lean_step_enabled(cfg) or cfg.deepspeed.zero_stage != 1:
-        return None
+def resolve_bucket_elements(cfg: Config, model: nn.Module) -> int:
+    """Elements per gradient bucket for this run (``deepspeed.bucket_elements``, or the automatic rule)."""
     b = cfg.deepspeed.bucket_elements
     if b != "auto":
         return int(b)
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return auto_bucket_elements(total)
+    return auto_bucket_elements(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+# One group per part and decay flag: the groups of DeepSpeed's own steps (ZeRO-2/3 buckets their
+# gradients themselves), still split by encoder and decoder for the decoder warm-up.
+WHOLE_PART = 1 << 62
 
 
 def auto_bucket_elements(params: int) -> int:
@@ -277,8 +279,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device: torch.d
 
     model.to(device)
     bucket = resolve_bucket_elements(cfg, model)
+    ours = lean_step_enabled(cfg) and cfg.deepspeed.zero_stage == 1  # maescale.step.FlatZeroStep: buckets are groups
     groups = param_groups(model, cfg.optim.weight_decay, decay_tokens=cfg.optim.weight_decay_tokens,
-                          bucket_elements=bucket if cfg.deepspeed.zero_stage == 1 else None, layout=layout)
+                          bucket_elements=bucket if ours else WHOLE_PART, layout=layout)
     recorded = group_layout(model, groups)
     optimizer = build_optimizer(model, cfg, lr=peak_lr(cfg, world_size), groups=groups)
     ds_config = deepspeed_config(cfg, world_size, bucket if cfg.deepspeed.zero_stage == 2 else None)

@@ -116,6 +116,7 @@ class StepProfiler:
             self._comm.step = done + 1
             if stepper is not None:
                 stepper.recorder = self._comm
+                self._comm.attach(stepper.model)
         self._prof = profile(activities=activities)
         self._prof.start()
         self._t0 = time.perf_counter()

@@ -249,5 +249,7 @@ def build_step(cfg: Any, engine: Any, device: torch.device, group_names: list[st
     lean = lean_step_applies(cfg)
     accum = cfg.train.grad_accum_steps
     if lean and cfg.deepspeed.zero_stage == 1:
-        return FlatZeroStep(engine, accum, device, group_names, await_per_layer=cfg.model.compile != "full")
+        # a whole-model compile cannot trace the per-layer waits: there the step waits before the forward
+        per_layer = cfg.model.compile not in ("full", "full_regions")
+        return FlatZeroStep(engine, accum, device, group_names, await_per_layer=per_layer)
     return DeepSpeedStep(engine, accum, device, lean)

@@ -180,6 +180,12 @@ class Trainer:
         layout = legacy_layout(model) if plan.layout == "legacy" else plan.layout
         built = build_engine(cfg, model, world, device, layout=layout)
         self.engine, self.groups = built.engine, built.groups
+        if cfg.model.decoder_warmup_steps and any(g["part"] == "all" for g in self.groups):
+            raise ValueError("model.decoder_warmup_steps needs parameter groups split into encoder and decoder "
+                             "(deepspeed.zero_stage=1 with the lean step, a fresh run); this run's groups mix them")
+        if cfg.model.decoder_warmup_steps and not self.encoder_only_init and plan.path is None:
+            log.warning("model.decoder_warmup_steps=%d without an encoder from model.init_from: the decoder warms "
+                        "up against a random encoder", cfg.model.decoder_warmup_steps)
         self.ckpt.param_groups = self.groups
         self.model = self.engine.module
 
@@ -240,7 +246,8 @@ class Trainer:
             self.skips.apply(self.step, self.feed, self)  # train.skip_batches and earlier rollbacks' windows
             self.profiler.before_step(self.step, self.stepper)
             lr = self.schedule.lr_at(self.step)
-            warm = self.step < cfg.model.decoder_warmup_steps
+            warm = self.step < cfg.model.decoder_warmup_steps  # the decoder trains alone (encoder lr 0, no grad)
+            self.model.encoder_frozen = warm
             set_lr(self.engine.optimizer, lr, frozen_part="encoder" if warm else None)
             self.train_step()
             self.step += 1

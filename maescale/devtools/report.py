@@ -887,3 +887,13 @@ def _decode_agreement(bench: Bench) -> str:
 def _decode_420(bench: Bench) -> str:
     a = bench.json(DECODE)["sets"]["500x375"]["agreement"]["420_vs_cpu_fast"]
     return f"mean {a['mean']:.2f}, 99.9th percentile {a['p99_9']:.0f}, max {a['max']:.0f}"
+
+
+# --- the recipe against the MAE release (from code, not measured) -----------------------------
+
+@block("recipe")
+def _recipe(bench: Bench) -> str:
+    from maescale.devtools.recipe import markdown
+
+    bench.cite("maescale/devtools/recipe.py", "the release's values; maescale's read from configs/ and the code")
+    return markdown()

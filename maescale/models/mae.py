@@ -10,6 +10,8 @@ release, so public checkpoints load strictly and the encoder fits timm's ``Visio
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import types
 from functools import lru_cache, partial
@@ -231,6 +233,7 @@ class MaskedAutoencoderViT(nn.Module):
         # when the next forward starts: called with each layer right before it runs, so the
         # gathers of later layers overlap the earlier ones (maescale.gradsync). None: a no-op.
         self.param_waiter: Callable[[nn.Module, bool], None] | None = None
+        self.encoder_frozen = False  # decoder warm-up: the encoder runs without autograd
 
         self.set_attn_impl(attn_impl)
         if torch.device(device or "cpu").type != "meta":
@@ -368,7 +371,9 @@ class MaskedAutoencoderViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(loss, pred, mask)``: pred (N, L, p*p*C), mask (N, L) with 1 = masked."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
+        # Decoder warm-up (model.decoder_warmup_steps): the encoder only runs forward, no graph for it.
+        with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
+            latent, mask, ids_restore = self.forward_encoder(imgs, ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
