@@ -230,10 +230,15 @@ def init_distributed(device_request: str = "auto", timeout_minutes: float = 30.0
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False, init_method=init_method,
                                    rank=env.rank, world_size=env.world_size)
     control = dist.new_group(backend="gloo", timeout=timeout) if env.world_size > 1 else dist.group.WORLD
-    if env.is_main:
-        log.info("distributed: %d process(es) on %d node(s) from %s, backend %s, master %s:%d",
-                 env.world_size, env.num_nodes, env.source, backend, env.master_addr, env.master_port)
     return DistContext(env=env, device=device, control_group=control)
+
+
+def describe(ctx: DistContext) -> str:
+    """``4 process(es) on 2 node(s) from torchrun, backend gloo, master 127.0.0.1:29500``."""
+    env = ctx.env
+    backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+    return (f"{env.world_size} process(es) on {env.num_nodes} node(s) from {env.source}, backend {backend}, "
+            f"master {env.master_addr}:{env.master_port}")
 
 
 def agree_max(values: list[int], group: object) -> list[int]:

@@ -36,7 +36,7 @@ from maescale.checkpoint import (CheckpointError, CheckpointManager, load_pretra
                                  plan_resume)
 from maescale.config import Config
 from maescale.control import Control, Decision, StopSignals
-from maescale.distributed import DistContext, agree_max, broadcast_object, init_distributed
+from maescale.distributed import DistContext, agree_max, broadcast_object, describe, init_distributed
 from maescale.faults import fault_point, maybe_poison, maybe_poison_data
 from maescale.metrics import ProgressLog, TensorBoardLogger, reconstruction_grid, save_png
 from maescale.models import build_model
@@ -120,6 +120,7 @@ def main(cfg: Config, extra_stop_signals: Sequence[int] = ()) -> TrainResult:
     ctx = init_distributed(cfg.train.device, cfg.deepspeed.timeout_minutes, socket_ifname=cfg.distributed.socket_ifname)
     run = RunDir(cfg.output_dir)
     setup_logging(ctx.env.rank, run)
+    log.info("distributed: %s", describe(ctx))
     with hold_run_directory(cfg, run, ctx) as lock:
         return train(cfg, ctx, run, lock, extra_stop_signals)
 

@@ -176,7 +176,7 @@ class StallWatchdog:
         stacks = self.dir / f"rank_{self.rank}.txt"
         with open(stacks, "w") as f:
             f.write(f"rank {self.rank} on {self.host} (pid {os.getpid()}): no progress for {idle:.0f} s "
-                    f"(budget {budget:.0f} s) at step {self.step}, phase {self.phase!r}\n\n")
+                    f"(budget {budget:.0f} s) in step {self.step + 1}, phase {self.phase!r}\n\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
         trace = compat.dump_nccl_flight_recorder()
@@ -192,11 +192,11 @@ class StallWatchdog:
             write_json_atomic(self.dir / f"stall_rank_{self.rank}.json", report, indent=1)
         except OSError:
             pass
-        names = ", ".join(f"rank {r['rank']} (host {r['host']}, step {r['step']}, phase {r['phase']!r})"
-                          for r in stalled) or "none identified"
-        log.error("stall: rank %d (host %s) made no progress for %.0f s (budget %.0f s) at step %d, phase %r; "
+        names = ", ".join(f"rank {r['rank']} (host {r['host']}, step {r['step'] + 1}, phase {r['phase']!r})"
+                          for r in stalled) or "none identified (every rank at the same place: a hung collective?)"
+        log.error("stall: rank %d (host %s) made no progress for %.0f s (budget %.0f s) in step %d, phase %r; "
                   "furthest behind: %s; stacks in %s; exiting with code %d for a restart",
-                  self.rank, self.host, idle, budget, self.step, self.phase, names, self.dir, STALLED)
+                  self.rank, self.host, idle, budget, self.step + 1, self.phase, names, self.dir, STALLED)
         for h in logging.getLogger("maescale").handlers:
             h.flush()
         if self.exit_process:

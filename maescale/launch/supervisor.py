@@ -157,8 +157,7 @@ def classify(output_dir: str | os.PathLike, attempt_id: str, returncode: int, sr
         bad = next(r for r in records.values() if r["status"] == "bad_input")
         return Outcome("bad_input", returncode, f"rank {bad['rank']} stopped on bad input: {bad.get('error')}",
                        step=bad.get("step"), culprits=[{"rank": bad["rank"], "host": bad.get("host"), "what": "bad input"}])
-    if records and statuses <= {"preempted", "finished"} and "preempted" in statuses and \
-            len(records) == world_size:
+    if statuses <= {"preempted", "finished"} and "preempted" in statuses and len(records) == world_size:
         return Outcome("preempted", returncode, "stopped on a signal with a checkpoint", signals=rank0.get("signals", []),
                        stopped_step=rank0.get("step"))
     if cancelled:
@@ -169,7 +168,7 @@ def classify(output_dir: str | os.PathLike, attempt_id: str, returncode: int, sr
     culprits = first
     if stalls:
         named = [r for report in stalls for r in report.get("stalled", [])]
-        culprits = [{"rank": r["rank"], "host": r["host"], "what": f"no progress at step {r['step']}, phase "
+        culprits = [{"rank": r["rank"], "host": r["host"], "what": f"no progress in step {r['step'] + 1}, phase "
                      f"{r['phase']!r}"} for r in {r["rank"]: r for r in named}.values()] or culprits
     crashed = [r for r in records.values() if r["status"] == "crashed"]
     if crashed and not culprits:
@@ -186,7 +185,11 @@ def classify(output_dir: str | os.PathLike, attempt_id: str, returncode: int, sr
         dump = RunDir(output_dir).path / "stalls" / attempt_id
         reason = f"a stall: {who}; stacks in {dump}"
     else:
-        reason = f"a crash: {who}" + (f"; {crashed[0].get('error')}" if crashed and crashed[0].get("error") else "")
+        # the culprit's own error, if it lived to write one (the others' are the consequence)
+        own = next((r.get("error") for r in crashed if any(c["rank"] == r["rank"] for c in culprits)), None)
+        reason = f"a crash: {who}" + (f"; {own}" if own else "")
+    if step is not None:
+        reason += f", during step {step + 1}"
     return Outcome(kind, returncode, reason, step=step, culprits=culprits)
 
 
@@ -273,6 +276,8 @@ class Supervisor:
         while True:
             outcome = self.run_attempt()
             if outcome.kind in ("finished", "bad_input", "cancelled"):
+                if outcome.kind == "finished":
+                    log.info("supervisor: the training finished (attempt %d)", self.attempt)
                 if outcome.kind == "bad_input":
                     log.error("supervisor: not restarting: %s", outcome.reason)
                     add_event(self.cfg.output_dir, self.job.job_id, "stop", reason=outcome.reason,
@@ -290,8 +295,8 @@ class Supervisor:
                 stop = f"{record['failures']} restarts already (slurm.max_failures={self.cfg.slurm.max_failures})"
             elif last_failure is not None and outcome.step is not None and last_failure.step is not None and \
                     abs(outcome.step - last_failure.step) <= 1:
-                stop = (f"it failed again at step {outcome.step} (the previous attempt failed at step "
-                        f"{last_failure.step}): a failure that repeats at the same step is not an accident; "
+                stop = (f"it failed again during step {outcome.step + 1} (the previous attempt during step "
+                        f"{last_failure.step + 1}): a failure that repeats at the same step is not an accident; "
                         "see the logs and the stacks")
             if stop is not None:
                 log.error("supervisor: attempt %d ended in %s; not restarting: %s", self.attempt, outcome.reason, stop)
@@ -305,9 +310,9 @@ class Supervisor:
             add_event(self.cfg.output_dir, self.job.job_id, "restart", reason=outcome.reason, attempt=self.attempt,
                       step=outcome.step, hosts=outcome.hosts)
             record = job_record(self.cfg.output_dir, self.job.job_id)
-            log.warning("supervisor: attempt %d ended in %s at step %s; restarting inside the allocation (restart "
-                        "%d/%d; it resumes from the latest checkpoint)", self.attempt, outcome.reason, outcome.step,
-                        record["failures"], self.cfg.slurm.max_failures)
+            log.warning("supervisor: attempt %d ended in %s; restarting inside the allocation (restart %d/%d; it "
+                        "resumes from the latest checkpoint)", self.attempt, outcome.reason, record["failures"],
+                        self.cfg.slurm.max_failures)
             last_failure = outcome
             self.attempt += 1
 

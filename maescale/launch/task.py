@@ -5,8 +5,10 @@ takes its place in the job from SLURM's variables, trains (``maescale.train.main
 signal, SIGTERM or submitit's time-limit signal, checkpoints and returns "preempted"), and leaves
 an exit record ``RUN/attempts/<attempt>/rank_<R>.exit.json`` for the supervisor: the status, the
 step, the signals it got, the error of a failure. The exit code says the same
-(:mod:`maescale.exitcodes`); a rank killed by a signal or by the stall watchdog leaves no record,
-which tells the supervisor as much.
+(:mod:`maescale.exitcodes`), except that a clean stop on a signal exits 0 under the supervisor (its
+record says "preempted"), so that srun's ``--kill-on-bad-exit`` does not kill the ranks still on
+their way out; a rank killed by a signal or by the stall watchdog leaves no record, which tells
+the supervisor as much.
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = OK if status == "finished" else PREEMPTED
     _record(cfg.output_dir, rank, status, code, step=result.step, total_steps=result.total_steps,
             signals=[signal.Signals(s).name for s in result.stop_signals])
-    return code
+    # Under the supervisor a clean stop exits 0 (the record says "preempted"): srun's
+    # --kill-on-bad-exit would otherwise kill the ranks still finishing their exit after the first.
+    return OK if os.environ.get("MAESCALE_ATTEMPT_ID") else code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ its own name first. Calls are appended as JSON lines ``{"cmd", "argv", "cwd"}`` 
   FAKE_SLURM_SBATCH_FAIL if set, sbatch fails with this message
   FAKE_SLURM_SRUN_RC     exit code of srun (default 0)
   FAKE_SLURM_SRUN_SLEEP  seconds srun takes (default 0)
+  FAKE_SLURM_SRUN_STDERR what srun prints on its stderr (its own "srun: error: ..." lines)
 """
 
 import json
@@ -45,6 +46,8 @@ def main() -> int:
         print(f"{job_id} {state}")
     elif cmd == "srun":
         time.sleep(float(os.environ.get("FAKE_SLURM_SRUN_SLEEP", "0")))
+        if os.environ.get("FAKE_SLURM_SRUN_STDERR"):
+            print(os.environ["FAKE_SLURM_SRUN_STDERR"], file=sys.stderr)
         return int(os.environ.get("FAKE_SLURM_SRUN_RC", "0"))
     # scancel, scontrol: recorded, succeed silently
     return 0

@@ -127,9 +127,9 @@ def train_log(out: Path) -> str:
 
 
 def diagnostics(out: Path, job: str) -> str:
-    """What to read when a wait fails: the job's record, rank 0's and rank 1's logs."""
+    """What to read when a wait fails: the job's record, the supervisor's and the ranks' logs."""
     parts = [f"scontrol show job {job}: {job_info(job)}"]
-    for name in (f"{job}_0_log.err", f"{job}_1_log.err"):
+    for name in (f"{job}_0_log.err", f"{job}_rank0.err", f"{job}_rank1.err"):
         path = RunDir(out).slurm / name
         if path.exists():
             parts.append(f"--- {path} (last 40 lines)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]))
