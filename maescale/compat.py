@@ -174,6 +174,20 @@ def silence_collective_deprecations() -> None:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
+def default_store() -> Any | None:
+    """The c10d key-value store of the default process group (``_get_default_store``): the stall
+    watchdog raises a flag there that every rank's watchdog sees within a second, without a
+    collective (the store's server is a C++ thread of rank 0's process). None without one."""
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return None
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store (single process), or the private name is gone
+        return None
+
+
 def dump_nccl_flight_recorder() -> bytes | None:
     """The NCCL flight recorder's trace (pickled), or None where there is none (no NCCL, off).
 
@@ -182,8 +196,12 @@ def dump_nccl_flight_recorder() -> bytes | None:
     that timeout could fire.
     """
     try:
+        import torch.distributed as dist
         import torch._C._distributed_c10d as c10d
-    except ImportError:
+
+        if not dist.is_initialized() or dist.get_backend() != "nccl":
+            return None
+    except (ImportError, RuntimeError):
         return None
     dump = getattr(c10d, "_dump_nccl_trace", None)
     if dump is None:

@@ -15,9 +15,11 @@ saves, evaluation, a rollback), the thread
 2. reads every rank's last published progress (``RUN/attempts/<attempt>/progress/rank_<R>.json``,
    rewritten by each watchdog thread every few seconds, off the training thread) and names the
    rank(s) furthest behind and their hosts in one log line and in ``stall_rank_<R>.json``;
-3. waits ``grace_s`` (so that the other ranks, which stall within a step of each other, can
-   dump too) and exits with :data:`maescale.exitcodes.STALLED`, which the job's supervisor
-   retries (:mod:`maescale.launch.supervisor`).
+3. raises a flag that every other rank's watchdog sees within ``poll_s`` (a key in the process
+   group's store, and a file beside the stacks): they dump their stacks too, whatever phase they
+   wait in (a rank blocked in a checkpoint's barrier has a long budget of its own);
+4. waits ``grace_s`` for them and exits with :data:`maescale.exitcodes.STALLED`, which the job's
+   supervisor retries (:mod:`maescale.launch.supervisor`); srun or torchrun then end the rest.
 
 A rank whose main thread holds the GIL while it hangs starves this thread; a C-level
 ``faulthandler.dump_traceback_later`` armed a little beyond the thread's own deadline (re-armed by
@@ -50,7 +52,7 @@ log = logging.getLogger("maescale.watchdog")
 # Phases of a step, in order: who is furthest behind is decided by (step, phase).
 PHASES = ("start", "data", "forward", "backward", "step", "log", "eval", "save", "rollback", "end")
 # Phases slow by nature get a budget of their own (seconds; the user's timeout if larger).
-SLOW_PHASE_BUDGET_S = {"start": 3600.0, "eval": 3600.0, "save": 1800.0, "rollback": 1800.0}
+SLOW_PHASE_BUDGET_S = {"start": 3600.0, "eval": 1800.0, "save": 900.0, "rollback": 900.0}
 WARMUP_STEPS = 3  # the first steps compile, autotune, fill caches: budget of "start"
 AUTO_MIN_S = 300.0  # train.stall_timeout_s: null -> max(AUTO_MIN_S, AUTO_STEPS x the median step time)
 AUTO_STEPS = 20
@@ -89,6 +91,9 @@ class StallWatchdog:
         self._thread: threading.Thread | None = None
         self._step_fd: int | None = None
         self.fired: dict[str, Any] | None = None
+        self.dumped_for: int | None = None  # the rank whose stall made this one dump its stacks
+        self._store: Any = None
+        self._flag_key = f"maescale/stall/{attempt}"
 
     # ------------------------------------------------------------------ the training thread
     def progress(self, step: int, phase: str) -> None:
@@ -119,6 +124,7 @@ class StallWatchdog:
 
     # ------------------------------------------------------------------ the watchdog thread
     def start(self) -> "StallWatchdog":
+        self._store = compat.default_store() if self.world > 1 else None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         self._step_fd = os.open(self.progress_dir / f"rank_{self.rank}.step", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -157,6 +163,11 @@ class StallWatchdog:
             if time.monotonic() - last_publish >= self.publish_s:
                 self._publish()
                 last_publish = time.monotonic()
+            if self.dumped_for is None and (peer := self._peer_fired()) is not None:
+                self._dump(f"dumped because rank {peer} stalled; this rank's last progress: step {self.step + 1}, "
+                           f"phase {self.phase!r}, {idle:.0f} s ago")
+                self.dumped_for = peer
+                self._publish()
             if idle > budget:
                 faulthandler.cancel_dump_traceback_later()
                 self._fire(idle, budget)
@@ -171,14 +182,44 @@ class StallWatchdog:
         except OSError:  # a flaky file system: the next publish tries again
             pass
 
-    def _fire(self, idle: float, budget: float) -> None:
-        self._publish()
+    def _peer_fired(self) -> int | None:
+        """The rank that raised the stall flag, if one did."""
+        if self._store is not None:
+            try:
+                if self._store.check([self._flag_key]):
+                    return int(self._store.get(self._flag_key))
+            except Exception:  # noqa: BLE001 - the store is gone (rank 0's process died): use the file
+                self._store = None
+        try:
+            return int((self.dir / "FIRED").read_text().strip() or -1)
+        except (OSError, ValueError):
+            return None
+
+    def _raise_flag(self) -> None:
+        if self._store is not None:
+            try:
+                self._store.set(self._flag_key, str(self.rank))
+            except Exception:  # noqa: BLE001 - the file below still tells
+                pass
+        try:
+            (self.dir / "FIRED").write_text(str(self.rank))
+        except OSError:
+            pass
+
+    def _dump(self, header: str) -> Path:
         stacks = self.dir / f"rank_{self.rank}.txt"
         with open(stacks, "w") as f:
-            f.write(f"rank {self.rank} on {self.host} (pid {os.getpid()}): no progress for {idle:.0f} s "
-                    f"(budget {budget:.0f} s) in step {self.step + 1}, phase {self.phase!r}\n\n")
+            f.write(f"rank {self.rank} on {self.host} (pid {os.getpid()}): {header}\n\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
+        return stacks
+
+    def _fire(self, idle: float, budget: float) -> None:
+        self._publish()
+        if self._peer_fired() is None:
+            self._raise_flag()
+        stacks = self._dump(f"no progress for {idle:.0f} s (budget {budget:.0f} s) in step {self.step + 1}, "
+                            f"phase {self.phase!r}")
         trace = compat.dump_nccl_flight_recorder()
         if trace:
             (self.dir / f"nccl_rank_{self.rank}.pkl").write_bytes(trace)

@@ -483,61 +483,77 @@ def test_train_job_pickles():
 
 
 # --------------------------------------------------------------------------------------------
-# slurm/train.sbatch: the plain-sbatch path (exit code 3 -> scontrol requeue)
+# slurm/train.sbatch: the plain-sbatch path (the same supervisor, requeueing with scontrol)
 # --------------------------------------------------------------------------------------------
 
 
 def test_plain_sbatch_script_header():
     opts = sbatch_options((REPO / "slurm" / "train.sbatch").read_text())
-    assert opts["signal"] == "USR1@180" and opts["requeue"] is True
-    assert opts["ntasks-per-node"] == "8" and opts["gpus-per-node"] == "8"
+    assert opts["signal"] == "USR2@180" and opts["requeue"] is True
+    assert opts["ntasks-per-node"] == "8" and opts["gpus-per-node"] == "8" and opts["cpus-per-task"] == "10"
 
 
-def _run_sbatch_script(tmp_path, fake: Fake, srun_rc: int, args: list[str], **env) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+PREEMPTED_BY_TIME_LIMIT = json.dumps({"status": "preempted", "code": 3, "step": 7, "signals": ["SIGUSR2"]})
+
+
+def _sbatch_env(tmp_path, **env) -> dict[str, str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FAKE_SLURM_SRUN"))}
     full.update({"SLURM_JOB_ID": "777", "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": sys.executable,
-                 "FAKE_SLURM_SRUN_RC": str(srun_rc), **env})
-    return subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), *args], cwd=tmp_path, env=full,
-                          capture_output=True, text=True, timeout=120)
+                 "SLURM_JOB_NUM_NODES": "1", **env})
+    return full
 
 
-def test_plain_sbatch_requeues_on_exit_code_3(tmp_path, fake_slurm):
-    proc = _run_sbatch_script(tmp_path, fake_slurm, EXIT_PREEMPTED, [str(TINY), "train.max_steps=7"])
+def _run_sbatch_script(tmp_path, args: list[str], **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), *args], cwd=tmp_path,
+                          env=_sbatch_env(tmp_path, **env), capture_output=True, text=True, timeout=120)
+
+
+def _args(tmp_path, *extra: str) -> list[str]:
+    return [str(TINY), f"output_dir={tmp_path / 'run'}", "slurm.gpus_per_node=2", *extra]
+
+
+def test_plain_sbatch_requeues_after_the_time_limit_signal(tmp_path, fake_slurm):
+    proc = _run_sbatch_script(tmp_path, _args(tmp_path, "train.max_steps=7"), FAKE_SLURM_SRUN_EXIT=PREEMPTED_BY_TIME_LIMIT)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr
-    assert fake_slurm.calls("srun") == [["--kill-on-bad-exit=0", sys.executable, "-u", "tools/train.py", str(TINY),
-                                         "train.max_steps=7"]]
+    (srun,) = fake_slurm.calls("srun")
+    assert srun[0] == "--kill-on-bad-exit=1" and "--ntasks=2" in srun
+    assert srun[-4:] == ["-u", "-m", "maescale.launch.task", str(tmp_path / "run" / "slurm" / "job_777.yaml")]
     assert fake_slurm.calls("scontrol") == [["requeue", "777"]]
-    assert "requeue 1/50 of job 777" in proc.stdout  # the cap read from the config
+    assert read_requeues(tmp_path / "run", "777") == 1
+    assert load_config(tmp_path / "run" / "slurm" / "job_777.yaml").train.max_steps == 7  # what the tasks run
+
+
+def test_plain_sbatch_requeue_cap(tmp_path, fake_slurm):
+    for _ in range(2):
+        record_requeue(tmp_path / "run", "777", 2, 5)
+    proc = _run_sbatch_script(tmp_path, _args(tmp_path, "slurm.max_requeues=2"), FAKE_SLURM_SRUN_EXIT=PREEMPTED_BY_TIME_LIMIT)
+    assert fake_slurm.calls("scontrol") == [] and "requeued 2 times already" in proc.stderr
 
 
 def test_plain_sbatch_does_not_requeue_after_scancel(tmp_path, fake_slurm):
-    # scancel: SIGTERM reaches the batch shell too; the tasks checkpoint and exit 3; no requeue.
-    full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    full.update({"SLURM_JOB_ID": "777", "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": sys.executable, "MAX_REQUEUES": "4",
-                 "FAKE_SLURM_SRUN_RC": "3", "FAKE_SLURM_SRUN_SLEEP": "3"})
-    proc = subprocess.Popen(["bash", str(REPO / "slurm" / "train.sbatch"), str(TINY)], cwd=tmp_path, env=full,
+    # scancel: SIGTERM reaches the batch shell (the supervisor) too; the tasks checkpoint and stop.
+    env = _sbatch_env(tmp_path, FAKE_SLURM_SRUN_SLEEP="3",
+                      FAKE_SLURM_SRUN_EXIT=json.dumps({"status": "preempted", "step": 4, "signals": ["SIGTERM"]}))
+    proc = subprocess.Popen(["bash", str(REPO / "slurm" / "train.sbatch"), *_args(tmp_path)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not fake_slurm.calls("srun") and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # bash defers the trap until srun returns
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_PREEMPTED and "not requeuing" in err
-    assert fake_slurm.calls("scontrol") == []
+    assert proc.returncode == EXIT_PREEMPTED and "not requeuing" in err, err
+    assert fake_slurm.calls("scontrol") == [] and len(fake_slurm.calls("srun")) == 1
 
 
-@pytest.mark.parametrize("srun_rc, restarts, requeued", [(0, 0, False), (1, 0, False), (3, 4, False), (3, 3, True)])
-def test_plain_sbatch_requeue_decision(tmp_path, fake_slurm, srun_rc, restarts, requeued):
-    proc = _run_sbatch_script(tmp_path, fake_slurm, srun_rc, [str(TINY)], MAX_REQUEUES="4",
-                              SLURM_RESTART_COUNT=str(restarts))
-    assert proc.returncode == srun_rc
-    assert (fake_slurm.calls("scontrol") == [["requeue", "777"]]) is requeued
-    if srun_rc == 3 and not requeued:
-        assert "not requeuing" in proc.stderr
+def test_plain_sbatch_restarts_after_a_crash(tmp_path, fake_slurm):
+    proc = _run_sbatch_script(tmp_path, _args(tmp_path, "slurm.max_failures=1"), FAKE_SLURM_SRUN_RC="1",
+                              FAKE_SLURM_SRUN_STDERR="srun: error: node001: task 1: Killed")
+    assert proc.returncode == 1 and len(fake_slurm.calls("srun")) == 2  # one restart, then it stops
+    assert "restarting inside the allocation" in proc.stderr and "slurm.max_failures=1" in proc.stderr
 
 
 def test_plain_sbatch_rejects_a_bad_config_before_srun(tmp_path, fake_slurm):
-    proc = _run_sbatch_script(tmp_path, fake_slurm, 0, [str(TINY), "train.max_stepz=3"])
+    proc = _run_sbatch_script(tmp_path, [str(TINY), "train.max_stepz=3"])
     assert proc.returncode == 2 and "train.max_stepz" in proc.stderr and fake_slurm.calls("srun") == []
 
 
@@ -557,18 +573,3 @@ def test_tools_submit_cli(tmp_path):
     assert shlex.split(proc.stdout.split("cancel:")[1]) == ["scancel", "12345"]
 
 
-def test_submitit_private_names():
-    """maescale uses a few submitit names that are not public API (no public way does the same):
-    fail loudly here, not on a cluster, when a submitit upgrade renames them."""
-    import inspect
-
-    from submitit import JobEnvironment, SlurmExecutor
-    from submitit.core.job_environment import SignalHandler
-
-    # launch/submit.py: the dry run renders the script without submitting
-    assert callable(getattr(SlurmExecutor, "_make_submission_file_text", None))
-    assert list(inspect.signature(SlurmExecutor._make_submission_file_text).parameters) == ["self", "command", "uid"]
-    assert isinstance(inspect.getattr_static(SlurmExecutor, "_submitit_command_str"), property)
-    # launch/job.py: the requeue goes through submitit's own handler, and its signal by name
-    assert callable(getattr(SignalHandler, "checkpoint_and_try_requeue", None))
-    assert isinstance(JobEnvironment.USR_SIG, str) and hasattr(signal, "SIG" + JobEnvironment.USR_SIG)

@@ -92,3 +92,28 @@ def test_a_stalled_process_exits_with_the_stalled_code(tmp_path):
     assert (tmp_path / "stalls" / "att" / "rank_3.txt").exists()
     assert "time.sleep(60)" in (tmp_path / "stalls" / "att" / "rank_3.txt").read_text() or \
         "<string>" in (tmp_path / "stalls" / "att" / "rank_3.txt").read_text()
+
+
+def test_every_live_rank_dumps_when_one_stalls(tmp_path):
+    """A rank waiting in a phase with a long budget (a checkpoint's barrier) still writes its stacks
+    when another rank's watchdog fires: the flag reaches it within a poll."""
+    stalled = StallWatchdog(tmp_path, "att", rank=1, world_size=2, timeout_s=0.5, poll_s=0.05, grace_s=0.2,
+                            exit_process=False)
+    waiting = StallWatchdog(tmp_path, "att", rank=0, world_size=2, timeout_s=0.5, poll_s=0.05, grace_s=0.2,
+                            exit_process=False)
+    for dog in (stalled, waiting):
+        dog.steps_done = 10
+        dog.start()
+    try:
+        stalled.progress(19, "step")
+        waiting.progress(20, "save")  # budget: many minutes
+        deadline = time.monotonic() + 10
+        while (stalled.fired is None or waiting.dumped_for is None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stalled.stop()
+        waiting.stop()
+    assert stalled.fired is not None and waiting.fired is None and waiting.dumped_for == 1
+    text = (tmp_path / "stalls" / "att" / "rank_0.txt").read_text()
+    assert "dumped because rank 1 stalled" in text and "step 21, phase 'save'" in text
+    assert [r["rank"] for r in stalled.fired["stalled"]] == [1]

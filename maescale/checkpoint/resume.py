@@ -24,7 +24,7 @@ from maescale.checkpoint.manager import (CheckpointError, CheckpointManager, is_
                                          read_trainer_state, restore_rng, validate_checkpoint)
 from maescale.config import Config, deep_merge
 from maescale.distributed import agree_max
-from maescale.rundir import publish, step_of
+from maescale.rundir import publish, step_of, write_text_atomic
 
 log = logging.getLogger("maescale.checkpoint")
 
@@ -172,30 +172,60 @@ def _pick(cfg: Config, manager: CheckpointManager) -> Path | None:
 UNIVERSAL_DIR = "universal"
 
 
-def prepare_universal(path: Path, rank: int, group: object = None) -> Path:
+def conversion_workers() -> int:
+    """Worker processes for ``ds_to_universal``: this process's CPU cores, at most 8 (each extract
+    worker holds one rank's optimizer file; each merge worker one parameter's fragments)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
+def prepare_universal(path: Path, rank: int, group: object = None, workers: int | None = None,
+                      wait_s: float = 6 * 3600.0, poll_s: float = 2.0) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal (world-size independent) form.
 
     Rank 0 runs DeepSpeed's ``ds_to_universal`` into ``path/universal`` (once; a finished
-    conversion is reused) while the others wait. Returns that directory.
+    conversion is reused) with :func:`conversion_workers` parallel workers. The other ranks do not
+    wait inside a collective, whose timeout (``deepspeed.timeout_minutes``) a large conversion can
+    outlast: they watch the file system for the published result (or rank 0's error file) and
+    only then meet rank 0 in one short agreement. Returns that directory.
     """
+    import time
+
     out = Path(path) / UNIVERSAL_DIR
+    failed = Path(path) / (UNIVERSAL_DIR + ".error")
+    done = out / "mp_rank_00_model_states.pt"
     error: str | None = None
-    if rank == 0 and not (out / "mp_rank_00_model_states.pt").is_file():
+    if rank == 0 and not done.is_file():
         import subprocess
         import sys
 
+        failed.unlink(missing_ok=True)
         tmp = Path(path) / (UNIVERSAL_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        log.info("converting %s to a universal checkpoint for a job of another size", path)
+        n = workers or conversion_workers()
+        log.info("converting %s to a universal checkpoint for a job of another size (%d workers)", path, n)
+        t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(path), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                               "--num_merge_workers", "1"], capture_output=True, text=True)
+                               str(path), "--output_folder", str(tmp), "--num_extract_workers", str(n),
+                               "--num_merge_workers", str(n)], capture_output=True, text=True)
         if proc.returncode != 0:
             error = (f"converting {path} to a universal checkpoint failed:\n{proc.stderr[-2000:]}\n"
                      f"Convert by hand: python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
                      f"--output_folder {out}")
+            write_text_atomic(failed, error)
         else:
             publish(tmp, out)
+            log.info("converted in %.0f s", time.monotonic() - t0)
+    elif rank != 0:
+        t0 = time.monotonic()
+        while not done.is_file() and not failed.is_file():
+            if time.monotonic() - t0 > wait_s:
+                error = f"rank 0 did not finish converting {path} to a universal checkpoint in {wait_s:.0f} s"
+                break
+            time.sleep(poll_s)
     if agree_max([1 if error else 0], group)[0]:
-        raise CheckpointError(error or "rank 0 failed to convert the checkpoint to universal form")
+        raise CheckpointError(error or (failed.read_text() if failed.is_file() else
+                                        "rank 0 failed to convert the checkpoint to universal form"))
     return out

@@ -10,6 +10,9 @@ its own name first. Calls are appended as JSON lines ``{"cmd", "argv", "cwd"}`` 
   FAKE_SLURM_SRUN_RC     exit code of srun (default 0)
   FAKE_SLURM_SRUN_SLEEP  seconds srun takes (default 0)
   FAKE_SLURM_SRUN_STDERR what srun prints on its stderr (its own "srun: error: ..." lines)
+  FAKE_SLURM_SRUN_EXIT   a JSON exit record (e.g. {"status": "preempted", "signals": ["SIGUSR2"]}) that
+                         every task of the step leaves, as maescale.launch.task does, for the
+                         supervisor (RUN/attempts/$MAESCALE_ATTEMPT_ID/rank_R.exit.json)
 """
 
 import json
@@ -48,6 +51,14 @@ def main() -> int:
         time.sleep(float(os.environ.get("FAKE_SLURM_SRUN_SLEEP", "0")))
         if os.environ.get("FAKE_SLURM_SRUN_STDERR"):
             print(os.environ["FAKE_SLURM_SRUN_STDERR"], file=sys.stderr)
+        if os.environ.get("FAKE_SLURM_SRUN_EXIT") and os.environ.get("MAESCALE_ATTEMPT_ID"):
+            ntasks = int(next(a.split("=", 1)[1] for a in argv if a.startswith("--ntasks=")))
+            run = Path(argv[-1]).parent.parent  # the task config: RUN/slurm/job_<id>.yaml
+            folder = run / "attempts" / os.environ["MAESCALE_ATTEMPT_ID"]
+            folder.mkdir(parents=True, exist_ok=True)
+            for rank in range(ntasks):
+                record = {"rank": rank, "host": "node001", **json.loads(os.environ["FAKE_SLURM_SRUN_EXIT"])}
+                (folder / f"rank_{rank}.exit.json").write_text(json.dumps(record))
         return int(os.environ.get("FAKE_SLURM_SRUN_RC", "0"))
     # scancel, scontrol: recorded, succeed silently
     return 0

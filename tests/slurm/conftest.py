@@ -60,3 +60,26 @@ def slurm_shards(tmp_path_factory) -> str:
     from tests.helpers import write_shards
 
     return write_shards(tmp_path_factory.mktemp("slurm_shards"), num_images=96, per_shard=24, size=40)
+
+
+@pytest.fixture
+def jobs() -> Iterator[list[str]]:
+    """Job ids a test submitted; whatever still runs at its end is cancelled (a failed test must
+    not leave the one-node cluster busy for the next)."""
+    submitted: list[str] = []
+    yield submitted
+    for job in submitted:
+        if _state(job) not in ENDED:
+            subprocess.run(["scancel", job], capture_output=True, timeout=60)
+
+
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED")
+
+
+def _state(job: str) -> str:
+    import re
+
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=60)
+    found = re.search(r"JobState=(\S+)", proc.stdout)
+    return found.group(1) if found else ""

@@ -187,17 +187,6 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def jobs() -> Iterator[list[str]]:
-    """Job ids a test submitted; whatever still runs at its end is cancelled (a failed test must
-    not leave the one-node cluster busy for the next)."""
-    submitted: list[str] = []
-    yield submitted
-    for job in submitted:
-        if job_info(job).get("JobState") not in ENDED:
-            subprocess.run(["scancel", job], capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def reference(slurm_cluster, slurm_shards, tmp_path_factory):
     """Final weights of the same training uninterrupted: 2 processes under torchrun, no slowing."""

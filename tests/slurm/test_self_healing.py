@@ -73,21 +73,27 @@ def test_crash_and_hang_restart_inside_the_allocation_and_finish_exactly(slurm_c
     log = train_log(out)
 
     # (a) the crash: rank 0 named, restarted at once, resumed from the last checkpoint
+    _, killed = _line(log, rf"fault injection: train.after_step at step {KILL_AT} -> kill")
     i, crash = _line(log, r"attempt 0 ended in a crash: rank 0 on \S+ \(Killed\).*during step")
     assert f"during step {KILL_AT + 1}" in crash or f"during step {KILL_AT}" in crash, crash
-    j, resumed1 = _line(log, r"resumed from .*step_00000010 at step 10", after=i)
+    # the loop checkpoints every 5 steps and the kill comes before step 10's: it resumes from 5
+    j, resumed1 = _line(log, r"resumed from .*step_00000005 at step 5", after=i)
     _, started1 = _line(log, r"supervisor: attempt 1 ", after=i)
     # (b) the hang: rank 1 named by the watchdogs; stacks of every live rank
+    rank1 = (RunDir(out).slurm / f"{job}_rank1.err").read_text(errors="replace")  # rank 1 logs warnings there
+    _, hung = _line(rank1, rf"fault injection: train.after_step at step {HANG_AT} -> hang")
     k, stall = _line(log, r"attempt 1 ended in a stall: rank 1 on \S+ \(no progress in step", after=j)
+    _, started2 = _line(log, r"supervisor: attempt 2 ", after=k)
     attempt_id = re.search(r"stacks in \S+/stalls/(\S+)", stall).group(1).rstrip(";,")
     stall_dir = RunDir(out).path / "stalls" / attempt_id
     stacks = {p.name: p.read_text() for p in stall_dir.glob("rank_*.txt")}
-    assert set(stacks) >= {"rank_0.txt", "rank_1.txt"}, (sorted(stacks), stall_dir)
-    assert "faults.py" in stacks["rank_1.txt"] and "time.sleep" in stacks["rank_1.txt"]  # where it hung
+    assert set(stacks) >= {"rank_0.txt", "rank_1.txt"}, (sorted(stacks), stall_dir)  # every live rank
+    assert "dumped because rank 1 stalled" in stacks["rank_0.txt"]
+    assert "in fault_point" in stacks["rank_1.txt"]  # where it hung (the sleep is C: its caller shows)
     report = json.loads((stall_dir / "stall_rank_1.json").read_text())
     assert [r["rank"] for r in report["stalled"]] == [1] and report["stalled"][0]["host"]
     assert STALL_S <= report["idle_s"] < STALL_S + 1 + 5 + 5  # timeout + poll + grace (+ a loaded machine)
-    _, resumed2 = _line(log, r"resumed from .*step_00000020 at step 20", after=k)
+    _, resumed2 = _line(log, r"resumed from .*step_00000015 at step 15", after=k)
     _, done = _line(log, r"supervisor: the training finished \(attempt 2\)", after=k)
     assert RunDir(out).latest_step() == STEPS
     assert_same_weights(final_weights(ref), final_weights(out))
@@ -96,11 +102,13 @@ def test_crash_and_hang_restart_inside_the_allocation_and_finish_exactly(slurm_c
     assert record["failures"] == 2 and [e["event"] for e in record["history"]] == ["restart", "restart"]
     assert "Killed" in record["history"][0]["reason"] and "stall" in record["history"][1]["reason"]
 
-    # the figures
-    ctld = {"crash_to_restart_s": _clock(started1) - _clock(crash), "restart_to_resumed_s":
-            _clock(resumed1) - _clock(started1), "stall_detected_after_s": report["idle_s"],
-            "stall_report_to_resumed_s": _clock(resumed2) - _clock(stall), "steps_recomputed_crash": KILL_AT - 10,
-            "steps_recomputed_hang": HANG_AT - 20, "stall_timeout_s": STALL_S}
+    # the figures (log stamps have whole seconds; the watchdog's idle time is exact)
+    ctld = {"crash_to_detected_s": _clock(crash) - _clock(killed), "crash_to_restarted_s": _clock(started1) - _clock(killed),
+            "crash_to_resumed_s": _clock(resumed1) - _clock(killed),
+            "hang_to_stacks_s": round(report["idle_s"], 1), "hang_to_detected_s": _clock(stall) - _clock(hung),
+            "hang_to_resumed_s": _clock(resumed2) - _clock(hung),
+            "restart_overhead_s": [_clock(resumed1) - _clock(started1), _clock(resumed2) - _clock(started2)],
+            "steps_recomputed": [KILL_AT - 5, HANG_AT - 15], "stall_timeout_s": STALL_S, "log_resolution_s": 1}
     print(f"\nself-healing on the real controller: {ctld}")
     if os.environ.get("MAESCALE_MEASURE_OUT"):
         Path(os.environ["MAESCALE_MEASURE_OUT"]).write_text(json.dumps(
