@@ -47,7 +47,7 @@ from maescale.profiling import StepProfile, StepProfiler
 from maescale.rollback import DataSkips, Rollbacks
 from maescale.rundir import RunDir, RunLock, RunLocked, RunLockLost, tag_for_step
 from maescale.step import StepHealth, build_step
-from maescale.watchdog import StallWatchdog, phase
+from maescale.watchdog import StallWatchdog, phase, prune_attempts
 
 log = logging.getLogger("maescale.train")
 
@@ -150,6 +150,8 @@ class Trainer:
         # Stall detection from the start (lock wait, conversions and compilation get long budgets).
         attempt = str(broadcast_object(os.environ.get("MAESCALE_ATTEMPT_ID") or time.strftime("%Y%m%d-%H%M%S"),
                                        ctx.control_group))
+        if rank == 0 and not os.environ.get("MAESCALE_ATTEMPT_ID"):
+            prune_attempts(run.path)  # under the supervisor, it prunes
         self.watchdog = StallWatchdog(run.path, attempt, rank, world, cfg.train.stall_timeout_s).start()
 
         # ---- 1. plan the resume, record the config that runs

@@ -125,10 +125,10 @@ class StallWatchdog:
     # ------------------------------------------------------------------ the watchdog thread
     def start(self) -> "StallWatchdog":
         self._store = compat.default_store() if self.world > 1 else None
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         self._step_fd = os.open(self.progress_dir / f"rank_{self.rank}.step", os.O_WRONLY | os.O_CREAT, 0o644)
-        self._fallback_file = open(self.dir / f"rank_{self.rank}.fallback.txt", "w")
+        # Opened now: a process hung with the GIL held could not open a file any more.
+        self._fallback_file = open(self.progress_dir.parent / f"rank_{self.rank}.stacks_if_starved.txt", "w")
         self._thread = threading.Thread(target=self._watch, name="maescale-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -144,10 +144,6 @@ class StallWatchdog:
             path = Path(f.name)
             if path.exists() and path.stat().st_size == 0:
                 path.unlink(missing_ok=True)
-            try:
-                self.dir.rmdir()  # no stall: no stall directory
-            except OSError:
-                pass
         if self._step_fd is not None:
             os.close(self._step_fd)
             self._step_fd = None
@@ -196,6 +192,7 @@ class StallWatchdog:
             return None
 
     def _raise_flag(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
         if self._store is not None:
             try:
                 self._store.set(self._flag_key, str(self.rank))
@@ -207,6 +204,7 @@ class StallWatchdog:
             pass
 
     def _dump(self, header: str) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
         stacks = self.dir / f"rank_{self.rank}.txt"
         with open(stacks, "w") as f:
             f.write(f"rank {self.rank} on {self.host} (pid {os.getpid()}): {header}\n\n")
@@ -305,6 +303,17 @@ class _Allow:
 def phase(dog: StallWatchdog | None, step: int, name: str) -> _Allow:
     """Context manager: ``name`` (one of :data:`PHASES`) for the duration of the block."""
     return _Allow(dog, step, name)
+
+
+def prune_attempts(run_path: str | os.PathLike, keep: int = 20) -> None:
+    """Keep the ``keep`` newest attempt folders (``RUN/attempts/*``: progress, exit records)."""
+    import shutil
+
+    root = Path(run_path) / "attempts"
+    if not root.is_dir():
+        return
+    for old in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def iter_reports(run_path: str | os.PathLike, attempt: str) -> Iterator[dict[str, Any]]:

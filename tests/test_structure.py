@@ -113,8 +113,10 @@ def test_launch_halves_meet_only_through_the_job_class():
 
 
 def test_torch_free_modules_stay_torch_free():
-    """The login node and the shard tools import these without torch."""
-    for name in ("rundir", "config", "exitcodes", "cli", "launch/submit", "launch/job", "data/shards", "models/presets"):
+    """The login node, the job's supervisor and the shard tools import these without torch."""
+    for name in ("rundir", "config/__init__", "config/schema", "config/load", "config/validate", "exitcodes", "cli",
+                 "launch/submit", "launch/job", "launch/env", "launch/supervisor", "launch/task", "compat", "control",
+                 "watchdog", "data/shards", "models/presets", "models/__init__"):
         tree = ast.parse((PKG / f"{name}.py").read_text())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}

@@ -473,7 +473,8 @@ def _readme_memory(bench: Bench) -> str:
 
 HOST_OVERHEAD = "bench/host_overhead_cpu.json"
 _HOST_VARIANTS = (("bare", "bare step"), ("bare-per-param", "bare, master copy per parameter"),
-                  ("deepspeed", "DeepSpeed's default step"), ("deepspeed-lean", "the lean step"))
+                  ("deepspeed", "DeepSpeed's default step"), ("deepspeed-lean", "DeepSpeed's step, lean guard"),
+                  ("loop", "**the loop's step** (maescale's ZeRO-1 step)"))
 
 
 def _host_rows(bench: Bench) -> dict[tuple[str, str], dict]:
@@ -502,6 +503,14 @@ def _lean_step_ops(bench: Bench) -> str:
     return (f"on CPU, {_SHORT.get(p, p)} preset: {num(ds['aten_ops_per_step'])} aten ops per step for DeepSpeed's "
             f"default step, {num(lean['aten_ops_per_step'])} for the lean one, {num(bare['aten_ops_per_step'])} "
             f"for the bare model step")
+
+
+@block("loop-step-ops")
+def _loop_step_ops(bench: Bench) -> str:
+    rows = _host_rows(bench)
+    presets = list(dict.fromkeys(p for p, _ in rows))
+    parts = [f"{_SHORT.get(p, p)} {rows[(p, 'loop')]['aten_ops_vs_bare']:.2f}x" for p in presets if (p, "loop") in rows]
+    return "the loop's step runs " + ", ".join(parts) + " the aten ops of the flat bare step on CPU"
 
 
 @block("soak")
@@ -897,3 +906,24 @@ def _recipe(bench: Bench) -> str:
 
     bench.cite("maescale/devtools/recipe.py", "the release's values; maescale's read from configs/ and the code")
     return markdown()
+
+
+
+# --- communication per step (tools/bench_comm.py) -------------------------------------------
+
+COMM = "bench/comm.json"
+
+
+@block("comm")
+def _comm(bench: Bench) -> str:
+    doc = bench.json(COMM)
+    rows = []
+    for r in doc["runs"]:
+        for group, kinds in (("", r["per_step"]), ("control ", r["control"])):
+            for kind, row in sorted(kinds.items()):
+                rows.append([_SHORT.get(r["preset"], r["preset"]), str(r["world_size"]), str(r["zero_stage"]),
+                             f"{group}{kind}", num(row["calls"], 1), f"{row['elements'] / r['params']:.3f}",
+                             pct(row["issued_in_backward"], 0), pct(row.get("backward_left_at_issue"), 0),
+                             num(row["blocking_calls"], 1)])
+    return table(["model", "ranks", "ZeRO", "collective", "calls/step", "elements / params",
+                  "issued in backward", "backward left at issue", "blocking calls"], "lrrlrrrrr", rows)

@@ -377,16 +377,9 @@ class Supervisor:
                 return
 
     def _prune_attempts(self) -> None:
-        from maescale.launch.task import ATTEMPTS
+        from maescale.watchdog import prune_attempts
 
-        root = self.run.path / ATTEMPTS
-        if not root.is_dir():
-            return
-        old = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime)[:-KEEP_ATTEMPTS]
-        import shutil
-
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        prune_attempts(self.run.path, KEEP_ATTEMPTS)
 
 
 def _time_limit_signal_name() -> str:
