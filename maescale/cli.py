@@ -35,11 +35,12 @@ def train_cli(argv: Sequence[str] | None = None) -> int:
     from maescale.data import DataError
     from maescale.distributed import shutdown
     from maescale.rundir import RunLocked, RunLockLost
+    from maescale.step import StepError
     from maescale.train import TrainingDiverged, main
 
     try:
         result = main(cfg)
-    except (CheckpointError, DataError, TrainingDiverged, RunLocked, RunLockLost, ValueError) as exc:
+    except (CheckpointError, DataError, TrainingDiverged, RunLocked, RunLockLost, StepError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
     finally:

@@ -212,6 +212,59 @@ def dump_nccl_flight_recorder() -> bytes | None:
         return None
 
 
+def compiler_reset() -> None:
+    """Forget every compiled graph (``torch.compiler.reset``; ``torch._dynamo.reset`` before it)."""
+    import torch
+
+    reset = getattr(getattr(torch, "compiler", None), "reset", None)
+    if reset is None:
+        import torch._dynamo
+
+        reset = torch._dynamo.reset
+    reset()
+
+
+def raise_recompile_limit(at_least: int = 64) -> None:
+    """Let dynamo recompile one code object ``at_least`` times (benchmarks compile the same block
+    code once per variant; the default limit would fall back to eager). ``torch._dynamo.config``'s
+    ``recompile_limit`` (``cache_size_limit`` before torch 2.6)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(at_least, getattr(torch._dynamo.config, name)))
+
+
+def mark_dynamic(tensor: Any, dim: int) -> None:
+    """Tell the compiler that ``tensor``'s ``dim`` varies (``torch._dynamo.mark_dynamic``)."""
+    import torch._dynamo
+
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def run_and_get_code(fn: Callable[..., Any], *args: Any) -> tuple[Any, list[str]]:
+    """Run ``fn`` and return inductor's generated source too (``torch._inductor.utils.run_and_get_code``;
+    the kernel check reads which ops inductor fused)."""
+    from torch._inductor.utils import run_and_get_code as run
+
+    return run(fn, *args)
+
+
+def has_scaled_mm() -> bool:
+    """Whether torch has float8 dtypes and ``torch._scaled_mm``, the GEMM of FP8 training."""
+    import torch
+
+    return hasattr(torch, "float8_e4m3fn") and hasattr(torch, "_scaled_mm")
+
+
+def float8_linear_class() -> type:
+    """torchao's ``Float8Linear`` (``torchao.float8.float8_linear``, not in its public API): what
+    ``convert_to_float8_training`` swaps in, to list the converted layers."""
+    from torchao.float8 import float8_linear
+
+    return _need(float8_linear, "Float8Linear", "torchao.float8.float8_linear")
+
+
 # --------------------------------------------------------------------------------------------
 # submitit
 # --------------------------------------------------------------------------------------------

@@ -222,6 +222,10 @@ def init_distributed(device_request: str = "auto", timeout_minutes: float = 30.0
     })
     device = select_device(env, device_request)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # PyTorch's NCCL flight recorder: the last collectives of every rank, which the stall
+        # watchdog writes beside the stacks (maescale.watchdog). A site's setting wins.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         # A lone process needs no TCP rendezvous: a file store cannot lose a race for a "free"

@@ -100,3 +100,16 @@ def test_a_missing_name_is_named(monkeypatch):
 
     with pytest.raises(compat.CompatError, match="bit16_groups_flat"):
         compat.zero_groups(Fake())
+
+
+def test_compiler_and_fp8_names():
+    compat.compiler_reset()
+    compat.raise_recompile_limit(64)
+    x = torch.zeros(4, 3)
+    compat.mark_dynamic(x, 0)
+    out, code = compat.run_and_get_code(torch.compile(lambda t: (t * 2).sum()), torch.ones(3))
+    assert float(out) == 6.0 and code and isinstance(code[0], str)
+    compat.compiler_reset()
+    assert compat.has_scaled_mm()
+    cls = compat.float8_linear_class()
+    assert issubclass(cls, torch.nn.Linear)

@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from maescale import compat
+
 from maescale.flops import mae_flops_per_image, mfu, peak_flops, train_flops_per_image
 from maescale.models import PRESETS, create_model
 from maescale.models.mae import AttentionUnavailableError
@@ -435,7 +437,7 @@ def bench_variant(preset: str, v: Variant, micro_batch: int, img_size: int = 224
         r.profile(window)
     res = r.finish()
     if v.compiled:
-        torch._dynamo.reset()
+        compat.compiler_reset()
     return res
 
 
@@ -455,9 +457,7 @@ def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], im
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if any(v.compiled for v in variants):
         # every variant recompiles the same block code; do not fall back to eager for that
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        compat.raise_recompile_limit(64)
     env = environment(dev) | {"interleave": interleave, "window": window}
     results = []
     for mb in micro_batches:
@@ -488,7 +488,7 @@ def run_bench(preset: str, micro_batches: list[int], variants: list[Variant], im
                 r.profile(window)
             results.append(r.finish())
             log.info("  %s: %s", results[-1].label, _line(results[-1], None))
-        torch._dynamo.reset()
+        compat.compiler_reset()
     return results, env
 
 

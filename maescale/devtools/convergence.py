@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
+from maescale import compat
+
 log = logging.getLogger(__name__)
 
 BASELINE = "bf16"
@@ -68,7 +70,7 @@ def run_variant(config: str, name: str, steps: int, micro_batch: int, shards: st
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        torch._dynamo.reset()
+        compat.compiler_reset()
         res["seconds"] = time.perf_counter() - t0
     return res
 

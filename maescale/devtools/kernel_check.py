@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from maescale import compat
 from maescale.models.fp8 import FP8_DIM_MULTIPLE, planned_linears
 from maescale.models.presets import PRESETS
 
@@ -168,7 +169,7 @@ def fp8_shapes(preset: str, micro_batches: list[int], img_size: int = 224, mask_
                 try:
                     x = torch.randn(m, i, device=dev, dtype=dtype, requires_grad=True)
                     if compile:
-                        torch._dynamo.mark_dynamic(x, 0)
+                        compat.mark_dynamic(x, 0)
                     g = torch.randn(m, o, device=dev, dtype=dtype)
 
                     def step(fn=fn, x=x, g=g) -> None:
@@ -182,7 +183,7 @@ def fp8_shapes(preset: str, micro_batches: list[int], img_size: int = 224, mask_
                 rows.append(row)
             for p in mod.parameters():
                 p.grad = None
-        torch._dynamo.reset()
+        compat.compiler_reset()
     by_key = {(r["in"], r["out"], r["site"], r["micro_batch"]): r for r in rows if r["variant"] == "bf16" and "ms" in r}
     for r in rows:
         base = by_key.get((r["in"], r["out"], r["site"], r["micro_batch"]))
@@ -229,7 +230,7 @@ def block_kernels(preset: str, micro_batch: int, img_size: int = 224, mask_ratio
     and what stays an extern call (GEMMs, attention)."""
     import re
 
-    from torch._inductor.utils import run_and_get_code
+    from maescale.compat import run_and_get_code
 
     from maescale.models import create_model
 
@@ -252,7 +253,7 @@ def block_kernels(preset: str, micro_batch: int, img_size: int = 224, mask_ratio
     for name, code in zip(("forward", "backward"), codes):
         out[name] = {"kernels": re.findall(r"^(cpp_fused_\w+|triton_\w+) = ", code, re.M),
                      "extern": re.findall(r"(extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", code)}
-    torch._dynamo.reset()
+    compat.compiler_reset()
     return out
 
 

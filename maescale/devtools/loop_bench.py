@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from maescale import compat
+
 log = logging.getLogger(__name__)
 
 DATA_SOURCES = ("synthetic", "shards", "gpu_decode")
@@ -113,7 +115,7 @@ def bench_variant(config: str, micro_batch: int, data: str, overrides: list[str]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        torch._dynamo.reset()
+        compat.compiler_reset()
         res.seconds = time.perf_counter() - t0
     return res
 

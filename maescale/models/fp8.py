@@ -129,12 +129,15 @@ def _torchao():
     """torchao's float8 training API, or a clear error naming the key and the fix."""
     import torch
 
-    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+    from maescale import compat
+
+    if not compat.has_scaled_mm():
         raise FP8UnavailableError(f"model.fp8 needs torch with float8 dtypes and torch._scaled_mm; torch "
                                   f"{torch.__version__} has not. Set model.fp8=off")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        from torchao.float8.float8_linear import Float8Linear
+
+        Float8Linear = compat.float8_linear_class()
     except ImportError as exc:
         raise FP8UnavailableError(f"model.fp8 needs torchao's float8 training (pip install 'maescale[fp8]', "
                                   f"torchao>=0.18): {exc}. Or set model.fp8=off") from None
