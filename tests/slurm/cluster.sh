@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for the real-controller tests (tests/slurm/).
+# A SLURM cluster on this machine, for the real-controller tests (tests/slurm/): the node named
+# after the machine (partition debug) and two one-CPU nodes mc1, mc2 (partition multi), each with
+# a slurmd of its own, so that a job can span two nodes.
 #
 #   tests/slurm/cluster.sh start    install the packages if missing, write the config, start
 #                                   munged, slurmctld and slurmd, wait until the node is idle
@@ -32,7 +34,9 @@ CONF=$CONF_DIR/slurm.conf
 GRES=$CONF_DIR/gres.conf
 LOG_DIR=/var/log/slurm
 CTLD_PID=/run/slurmctld.pid
-SLURMD_PID=/run/slurmd.pid
+# Three slurmd on this machine: the node named after it (2 fake GPUs) and two one-CPU nodes
+# mc1, mc2 of a "multi" partition, so that a job can span two nodes (the 2-node tests).
+MULTI_NODES=(mc1 mc2)
 MUNGE_PID=/run/munge/munged.pid
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
@@ -40,7 +44,7 @@ say() { echo "cluster: $*" >&2; }
 skip() { echo "SKIP: $*" >&2; exit "$SKIP"; }
 fail() {
     echo "ERROR: $*" >&2
-    for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log"; do
+    for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR"/slurmd-*.log; do
         [ -f "$f" ] && { echo "--- last lines of $f" >&2; tail -n 25 "$f" >&2; }
     done
     exit 1
@@ -116,17 +120,20 @@ KillWait=30
 SlurmUser=slurm
 SlurmdUser=root
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 # verbose: slurmctld logs the signals it sends (the time-limit signal) and the requeues.
 SlurmctldDebug=verbose
 SlurmdDebug=verbose
 GresTypes=gpu
 NodeName=$host CPUs=$cpus RealMemory=$mem Gres=gpu:2 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+NodeName=mc1 NodeHostname=$host NodeAddr=127.0.0.1 Port=6821 CPUs=1 RealMemory=$(( mem / 4 )) State=UNKNOWN
+NodeName=mc2 NodeHostname=$host NodeAddr=127.0.0.1 Port=6822 CPUs=1 RealMemory=$(( mem / 4 )) State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=multi Nodes=mc1,mc2 MaxTime=INFINITE State=UP
 EOF
 )
     # Two fake GPUs: one device file each (a Count=2 line without files leaves the node invalid).
@@ -151,11 +158,23 @@ start_munge() {
     munge -n | unmunge >/dev/null || fail "munge does not work: munge -n | unmunge failed"
 }
 
+node_names() { echo "$(hostname -s)" "${MULTI_NODES[@]}"; }
+
+# The extra node names resolve to this machine (a job's first node is its rendezvous address).
+write_hosts() {
+    local n
+    for n in "${MULTI_NODES[@]}"; do
+        grep -qE "^127\.0\.0\.1[[:space:]].*\b$n\b" /etc/hosts || echo "127.0.0.1 $n  $MARK" >>/etc/hosts
+    done
+}
+
 start_slurm() {
-    mkdir -p /var/spool/slurmctld /var/spool/slurmd "$LOG_DIR"
+    local n
+    mkdir -p /var/spool/slurmctld "$LOG_DIR"
     chown slurm:slurm /var/spool/slurmctld "$LOG_DIR"
     if [ "$CONFIG_CHANGED" -eq 1 ]; then
-        stop_daemon slurmd "$SLURMD_PID"
+        for n in $(node_names); do stop_daemon "slurmd $n" "/run/slurmd-$n.pid"; done
+        stop_daemon slurmd /run/slurmd.pid  # a cluster started by an older version of this script
         stop_daemon slurmctld "$CTLD_PID"
     fi
     if [ -z "$(running_pid "$CTLD_PID")" ]; then
@@ -163,27 +182,30 @@ start_slurm() {
         # -c: start without the jobs of an earlier session (their run directories are gone).
         slurmctld -c || fail "slurmctld did not start"
     fi
-    if [ -z "$(running_pid "$SLURMD_PID")" ]; then
-        say "starting slurmd"
-        slurmd || fail "slurmd did not start"
-    fi
+    for n in $(node_names); do
+        mkdir -p "/var/spool/slurmd/$n"
+        if [ -z "$(running_pid "/run/slurmd-$n.pid")" ]; then
+            say "starting slurmd $n"
+            slurmd -N "$n" || fail "slurmd $n did not start"
+        fi
+    done
 }
 
 wait_idle() {
     local host state _
-    host=$(hostname -s)
-    for _ in $(seq 1 120); do
-        state=$(sinfo -h -N -n "$host" -o '%t' 2>/dev/null | head -n 1 || true)
-        case "$state" in
-            idle|mix|alloc) return 0 ;;
-            down|down\*|drain|drain\*|drng|inval)
-                # A node that was down when slurmctld last saw it stays down until resumed.
-                scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true ;;
-        esac
-        sleep 0.5
+    for host in $(node_names); do
+        for _ in $(seq 1 120); do
+            state=$(sinfo -h -N -n "$host" -o '%t' 2>/dev/null | head -n 1 || true)
+            case "$state" in
+                idle|mix|alloc) continue 2 ;;
+                down|down\*|drain|drain\*|drng|inval)
+                    scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true ;;
+            esac
+            sleep 0.5
+        done
+        sinfo -N -l >&2 || true
+        fail "node $host did not become idle within 60 s (state: '${state:-no answer}')"
     done
-    sinfo -N -l >&2 || true
-    fail "node $host did not become idle within 60 s (state: '${state:-no answer}')"
 }
 
 stop_daemon() {
@@ -203,7 +225,7 @@ stop_daemon() {
 
 cmd_start() {
     [ "$(id -u)" -eq 0 ] || skip "a SLURM test cluster needs root (to install the packages, write $CONF and start the daemons; this is uid $(id -u))"
-    if [ -n "$(running_pid "$CTLD_PID")" ] && [ -n "$(running_pid "$SLURMD_PID")" ] \
+    if [ -n "$(running_pid "$CTLD_PID")" ] && [ -n "$(running_pid "/run/slurmd-$(hostname -s).pid")" ] \
             && [ -n "$(running_pid "$MUNGE_PID")" ] && have_packages; then
         write_config
         if [ "$CONFIG_CHANGED" -eq 0 ]; then
@@ -214,6 +236,7 @@ cmd_start() {
     fi
     install_packages
     write_config
+    write_hosts
     start_munge
     start_slurm
     wait_idle
@@ -221,7 +244,8 @@ cmd_start() {
 }
 
 cmd_stop() {
-    stop_daemon slurmd "$SLURMD_PID"
+    local n
+    for n in $(node_names); do stop_daemon "slurmd $n" "/run/slurmd-$n.pid"; done
     stop_daemon slurmctld "$CTLD_PID"
     stop_daemon munged "$MUNGE_PID"
     echo "cluster: stopped"
@@ -229,7 +253,7 @@ cmd_stop() {
 
 cmd_status() {
     local rc=0 name pidfile pid
-    for name in munged:$MUNGE_PID slurmctld:$CTLD_PID slurmd:$SLURMD_PID; do
+    for name in munged:$MUNGE_PID slurmctld:$CTLD_PID slurmd:/run/slurmd-$(hostname -s).pid; do
         pidfile=${name#*:}
         pid=$(running_pid "$pidfile")
         if [ -n "$pid" ]; then echo "${name%%:*}: running (pid $pid)"; else echo "${name%%:*}: not running"; rc=3; fi
