@@ -58,10 +58,13 @@ def run_once(preset: str, world: int, zero: int, micro_batch: int, bucket: str, 
         for r in range(world):
             ranks.append(json.loads((out / "profile" / f"comm_rank_{r}.json").read_text()))
         seconds = time.monotonic() - t0
-    return summarize_run(preset, world, zero, micro_batch, bucket, params, ranks, seconds)
+    from maescale.optim import auto_bucket_elements
+
+    elements = auto_bucket_elements(params) if bucket == "auto" else int(bucket)
+    return summarize_run(preset, world, zero, micro_batch, elements, params, ranks, seconds)
 
 
-def summarize_run(preset: str, world: int, zero: int, micro_batch: int, bucket: str, params: int,
+def summarize_run(preset: str, world: int, zero: int, micro_batch: int, bucket: int, params: int,
                   ranks: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Per rank per step volumes (averaged over ranks; the ranks' figures are checked equal) and
     the order in which rank 0 issued the data-parallel collectives of its first profiled step."""

@@ -495,16 +495,6 @@ def _host_overhead(bench: Bench) -> str:
                  "l" + "r" * len(presets), out)
 
 
-@block("lean-step-ops")
-def _lean_step_ops(bench: Bench) -> str:
-    rows = _host_rows(bench)
-    p = next(iter(rows))[0]
-    ds, lean, bare = rows[(p, "deepspeed")], rows[(p, "deepspeed-lean")], rows[(p, "bare")]
-    return (f"on CPU, {_SHORT.get(p, p)} preset: {num(ds['aten_ops_per_step'])} aten ops per step for DeepSpeed's "
-            f"default step, {num(lean['aten_ops_per_step'])} for the lean one, {num(bare['aten_ops_per_step'])} "
-            f"for the bare model step")
-
-
 @block("loop-step-ops")
 def _loop_step_ops(bench: Bench) -> str:
     rows = _host_rows(bench)
