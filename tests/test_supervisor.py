@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from maescale.config import load_config
-from maescale.launch.supervisor import (SlurmJob, Supervisor, classify, exclusion_commands, job_record,
-                                        parse_srun_errors, srun_command)
+from maescale.launch.nodes import exclusion_commands
+from maescale.launch.supervisor import SlurmJob, Supervisor, classify, job_record, parse_srun_errors, srun_command
 from maescale.launch.task import attempt_dir
 from tests.test_launch import fake_slurm  # noqa: F401 (fixture)
 
@@ -75,26 +75,82 @@ def test_srun_runs_every_task_of_the_allocation():
     assert cmd[-5:] == ["py", "-u", "-m", "maescale.launch.task", "/run/slurm/job_77.yaml"]
 
 
-def test_a_failing_host_is_left_out_by_a_requeue(tmp_path, fake_slurm):  # noqa: F811
-    """Node exclusion cannot be scheduled on a one-node cluster: what the supervisor would run."""
-    assert exclusion_commands("123", ["gpu017"]) == [
-        ["scontrol", "requeuehold", "123"], ["scontrol", "update", "JobId=123", "ExcNodeList=gpu017"],
-        ["scontrol", "release", "123"]]
-    cfg = _cfg(tmp_path)
+class SlurmAnswers:
+    """What SLURM 22.05 answers to the supervisor's queries (launch/nodes.py) about job 123 on a
+    partition of ``nodes`` (name -> sinfo state), where the user already excluded ``excluded``."""
+
+    def __init__(self, nodes: dict[str, str], excluded: str = "(null)"):
+        self.nodes, self.excluded, self.asked = nodes, excluded, []
+
+    def __call__(self, cmd: list[str]) -> str:
+        self.asked.append(cmd)
+        if cmd[:3] == ["scontrol", "show", "hostnames"]:
+            return "".join(f"{h}\n" for h in cmd[3].split(","))  # (no bracket ranges in these tests)
+        if cmd[:3] == ["scontrol", "show", "job"]:
+            return (f"JobId={cmd[-1]} JobName=mae JobState=RUNNING Partition=gpu NodeList=gpu[001-002] "
+                    f"ExcNodeList={self.excluded} NumNodes=2 NumCPUs=2\n")
+        if cmd[0] == "sinfo":
+            assert cmd[cmd.index("--partition") + 1] == "gpu"
+            return "".join(f"{n} {state}\n" for n, state in self.nodes.items())
+        raise AssertionError(f"unexpected query {cmd}")
+
+
+def _supervise(tmp_path, answers, stderr, *extra, exit_record=None, monkeypatch):
+    cfg = _cfg(tmp_path, *extra)
     job = SlurmJob("123", 0, nodes=2, tasks_per_node=1, cpus_per_task=1, gpus_per_node=0)
     ran: list[list[str]] = []
-    sup = Supervisor(cfg, job, tmp_path / "job.yaml", requeue=lambda o: None, run_command=ran.append)
-    import os
+    sup = Supervisor(cfg, job, tmp_path / "run" / "slurm" / "job_123.yaml", requeue=lambda o: None,
+                     run_command=ran.append, query=answers)
+    monkeypatch.setenv("FAKE_SLURM_SRUN_RC", "1")
+    monkeypatch.setenv("FAKE_SLURM_SRUN_STDERR", stderr)
+    if exit_record:
+        monkeypatch.setenv("FAKE_SLURM_SRUN_EXIT", json.dumps(exit_record))
+    return sup.run_job(), ran, job_record(cfg.output_dir, "123")
 
-    os.environ["FAKE_SLURM_SRUN_RC"] = "1"
-    os.environ["FAKE_SLURM_SRUN_STDERR"] = "srun: error: gpu017: task 1: Exited with exit code 1"
-    try:
-        outcome = sup.run_job()
-    finally:
-        del os.environ["FAKE_SLURM_SRUN_RC"], os.environ["FAKE_SLURM_SRUN_STDERR"]
-    assert outcome.kind == "crash" and ran == exclusion_commands("123", ["gpu017"])
-    record = job_record(cfg.output_dir, "123")
-    assert record["failures"] == 1 and record["history"][0]["excluded"] == ["gpu017"]
+
+SPARE = {"gpu001": "alloc", "gpu002": "alloc", "gpu003": "idle", "gpu004": "idle", "gpu005": "drain"}
+
+
+def test_a_host_that_fails_twice_is_left_out_by_a_requeue(tmp_path, fake_slurm, monkeypatch, caplog):  # noqa: F811
+    """The first failure on a host restarts inside the allocation (most failures are not the
+    node's); the second on the same host requeues the job without it, keeping the user's own
+    exclusions. (Requeueing cannot be scheduled with the fake; the real controller does it in
+    tests/slurm/test_multinode_slurm.py.)"""
+    caplog.set_level("INFO", logger="maescale.launch")
+    answers = SlurmAnswers(SPARE, excluded="gpu004")
+    outcome, ran, record = _supervise(tmp_path, answers, "srun: error: gpu002: task 1: Exited with exit code 1",
+                                      monkeypatch=monkeypatch)
+    assert len(fake_slurm.calls("srun")) == 2
+    assert "not leaving gpu002 out: the first failure on gpu002" in caplog.text
+    assert outcome.kind == "crash" and ran == exclusion_commands("123", ["gpu002", "gpu004"])
+    assert [e["event"] for e in record["history"]] == ["restart", "requeue"] and record["failures"] == 2
+    assert record["history"][1]["excluded"] == ["gpu002", "gpu004"] and record["history"][1]["hosts"] == ["gpu002"]
+    assert "gpu002 failed before in this job" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["srun", "error"])
+def test_a_node_fault_is_left_out_at_once(tmp_path, fake_slurm, monkeypatch, how):  # noqa: F811
+    """srun's own "Node failure", or a task's GPU error that is the node's (ECC, Xid): no second chance."""
+    if how == "srun":
+        stderr, record = "srun: error: Node failure on gpu002\nsrun: error: gpu001: task 0: Killed", None
+    else:
+        stderr = "srun: error: gpu002: task 1: Exited with exit code 1"
+        record = {"status": "crashed", "error": "RuntimeError: CUDA error: uncorrectable ECC error encountered"}
+    outcome, ran, _ = _supervise(tmp_path, SlurmAnswers(SPARE), stderr, exit_record=record, monkeypatch=monkeypatch)
+    assert len(fake_slurm.calls("srun")) == 1 and outcome.node_fault
+    assert ran == exclusion_commands("123", ["gpu002"])
+    assert ("node gpu002 (node failure)" if how == "srun" else "rank 1 on gpu002") in outcome.reason
+
+
+def test_no_exclusion_the_partition_cannot_spare(tmp_path, fake_slurm, monkeypatch, caplog):  # noqa: F811
+    """Two usable nodes and a two-node job: leaving one out would strand the job in the queue."""
+    caplog.set_level("INFO", logger="maescale.launch")
+    answers = SlurmAnswers({"gpu001": "alloc", "gpu002": "alloc", "gpu003": "down*"})
+    outcome, ran, record = _supervise(tmp_path, answers, "srun: error: gpu002: task 1: Exited with exit code 1",
+                                      "slurm.max_failures=2", monkeypatch=monkeypatch)
+    assert ran == [] and len(fake_slurm.calls("srun")) == 3
+    assert "partition gpu would keep 1 usable node(s) without gpu002 and the job needs 2" in caplog.text
+    assert [e["event"] for e in record["history"]] == ["restart", "restart", "stop"]
 
 
 @pytest.mark.parametrize("exclude", ["false", "true"])

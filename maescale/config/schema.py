@@ -202,7 +202,7 @@ class SlurmConfig:
     # Restarts after a crashed, hung or lost rank (inside the allocation when it can, else a requeue);
     # a failure that repeats at the same step stops the job instead.
     max_failures: int = 3
-    exclude_failed_nodes: bool = True  # leave out a host a failure names (by requeueing without it)
+    exclude_failed_nodes: bool = True  # requeue without a host whose failure is the node's own or its 2nd
     setup: list[str] = field(default_factory=list)  # shell lines run before srun
     additional_parameters: dict[str, Any] = field(default_factory=dict)
 

@@ -21,9 +21,10 @@ task's exit record; the stall reports; each rank's last step) and decides:
   seconds, not the queue), which resumes from ``latest``; at most ``slurm.max_failures`` times
   per job. A failure that repeats at the same step (within one step) stops the job with the
   reason instead of burning the allocation. When ``slurm.exclude_failed_nodes`` is on and the
-  failure names a host, the job is requeued without that host instead (``scontrol requeuehold``,
-  ``scontrol update ExcNodeList=...``, ``scontrol release``): it waits SLURM's ``BeginTime`` hold
-  and the queue, but does not meet the bad node again.
+  failure is a host's (it reads as the node's own, or the host failed before in this job, and
+  the partition can spare it: launch/nodes.py), the job is requeued without that host instead
+  (``scontrol requeuehold``, ``scontrol update ExcNodeList=...``, ``scontrol release``): it waits
+  SLURM's ``BeginTime`` hold and the queue, but does not meet the bad node again.
 
 Every decision is one line in the training log and an event in ``RUN/slurm/requeues.json``.
 """
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from maescale.exitcodes import BAD_INPUT, CRASHED, OK, PREEMPTED, STALLED
+from maescale.launch.nodes import Exclusion, Query, exclusion_commands, is_node_fault, plan_exclusion, run_query
 from maescale.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger("maescale.launch")
@@ -53,6 +55,7 @@ log = logging.getLogger("maescale.launch")
 REQUEUE_FILE = "requeues.json"
 KEEP_ATTEMPTS = 20  # attempt directories kept in RUN/attempts
 _SRUN_ERROR = re.compile(r"^srun: error: (?P<host>\S+): tasks? (?P<tasks>[\d,\- ]+): (?P<what>.+)$")
+_SRUN_NODE_FAIL = re.compile(r"^srun: error: Node failure on (?P<hosts>\S+)$")  # srun's own (with --no-kill)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +113,7 @@ class Outcome:
     culprits: list[dict[str, Any]] = field(default_factory=list)  # {"rank", "host", "what"}
     signals: list[str] = field(default_factory=list)  # rank 0's stop signals (preempted)
     stopped_step: int | None = None
+    node_fault: bool = False  # srun or the culprit's error reads as the node's own (launch/nodes.py)
 
     @property
     def hosts(self) -> list[str]:
@@ -165,7 +169,9 @@ def classify(output_dir: str | os.PathLike, attempt_id: str, returncode: int, sr
                        stopped_step=rank0.get("step"))
     # A failure. The first task srun names is where it began (the others were killed after it).
     first = [e for e in errors if "Killed" not in e["what"] or e is errors[0]][:1] if errors else []
-    culprits = first
+    lost = [{"rank": None, "host": m.group("hosts"), "what": "node failure"}
+            for m in (_SRUN_NODE_FAIL.match(line.strip()) for line in srun_stderr.splitlines()) if m]
+    culprits = lost or first
     if stalls:
         named = [r for report in stalls for r in report.get("stalled", [])]
         culprits = [{"rank": r["rank"], "host": r["host"], "what": f"no progress in step {r['step'] + 1}, phase "
@@ -179,7 +185,8 @@ def classify(output_dir: str | os.PathLike, attempt_id: str, returncode: int, sr
     elif steps:
         step = max(steps.values())
     kind = "stall" if stalls or any(f"exit code {STALLED}" in e["what"] for e in errors) else "crash"
-    who = "; ".join(f"rank {c['rank']} on {c.get('host') or '?'} ({c.get('what')})" for c in culprits) or \
+    who = "; ".join(f"{'node' if c['rank'] is None else 'rank ' + str(c['rank']) + ' on'} {c.get('host') or '?'} "
+                    f"({c.get('what')})" for c in culprits) or \
         f"srun exited with {returncode}, no task named"
     if kind == "stall":
         dump = RunDir(output_dir).path / "stalls" / attempt_id
@@ -190,7 +197,8 @@ def classify(output_dir: str | os.PathLike, attempt_id: str, returncode: int, sr
         reason = f"a crash: {who}" + (f"; {own}" if own else "")
     if step is not None:
         reason += f", during step {step + 1}"
-    return Outcome(kind, returncode, reason, step=step, culprits=culprits)
+    node_fault = is_node_fault([srun_stderr, *(r.get("error") for r in crashed)])
+    return Outcome(kind, returncode, reason, step=step, culprits=culprits, node_fault=node_fault)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,26 +239,19 @@ def srun_command(job: SlurmJob, config_path: Path, log_dir: Path, python: str = 
     return cmd + [python, "-u", "-m", "maescale.launch.task", str(config_path)]
 
 
-def exclusion_commands(job_id: str, hosts: Sequence[str]) -> list[list[str]]:
-    """Requeue ``job_id`` without ``hosts``: hold it on its way back to the queue, exclude the
-    hosts while it is pending, release it (SLURM then holds it for BeginTime and queues it)."""
-    return [["scontrol", "requeuehold", job_id],
-            ["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(hosts)}"],
-            ["scontrol", "release", job_id]]
-
-
 class Supervisor:
     """Runs, watches and restarts the training of one SLURM job (see the module docstring).
 
     ``requeue(reason)`` is how this job requeues itself after its time-limit signal (submitit's
     handler, or ``scontrol requeue`` for the plain sbatch script); ``run_command`` runs the
-    exclusion's ``scontrol`` calls (tests pass a recorder).
+    exclusion's ``scontrol`` calls and ``query`` asks SLURM about the job and its partition
+    (tests pass a recorder and the answers SLURM would give).
     """
 
     def __init__(self, cfg: Any, job: SlurmJob, config_path: Path, requeue: Callable[[Outcome], None],
-                 run_command: Callable[[list[str]], Any] | None = None):
+                 run_command: Callable[[list[str]], Any] | None = None, query: Query = run_query):
         self.cfg, self.job, self.config_path = cfg, job, config_path
-        self.requeue = requeue
+        self.requeue, self.query = requeue, query
         self.run_command = run_command or (lambda cmd: subprocess.run(cmd, check=True, timeout=60,
                                                                       capture_output=True, text=True))
         self.run = RunDir(cfg.output_dir)
@@ -305,8 +306,12 @@ class Supervisor:
                 outcome.reason = f"{outcome.reason}; not restarted: {stop}"
                 return outcome
             if self.cfg.slurm.exclude_failed_nodes and outcome.hosts and self.job.nodes > 1:
-                self._requeue_without(outcome)
-                return outcome
+                plan = plan_exclusion(self.job.job_id, self.job.nodes, outcome.hosts, outcome.node_fault,
+                                      record["history"], self.query)
+                if plan.exclude is not None:
+                    self._requeue_without(outcome, plan)
+                    return outcome
+                log.info("supervisor: not leaving %s out: %s", ",".join(outcome.hosts), plan.why)
             add_event(self.cfg.output_dir, self.job.job_id, "restart", reason=outcome.reason, attempt=self.attempt,
                       step=outcome.step, hosts=outcome.hosts)
             record = job_record(self.cfg.output_dir, self.job.job_id)
@@ -361,14 +366,15 @@ class Supervisor:
             outcome.signals.append("SIGTERM")  # the supervisor's own: this job is being cancelled
         self.requeue(outcome)
 
-    def _requeue_without(self, outcome: Outcome) -> None:
+    def _requeue_without(self, outcome: Outcome, plan: Exclusion) -> None:
         hosts = outcome.hosts
         add_event(self.cfg.output_dir, self.job.job_id, "requeue", reason=outcome.reason, attempt=self.attempt,
-                  step=outcome.step, excluded=hosts, failure=True)
-        log.warning("supervisor: attempt %d ended in %s; requeueing job %s without %s (slurm.exclude_failed_nodes)",
-                    self.attempt, outcome.reason, self.job.job_id, ",".join(hosts))
+                  step=outcome.step, hosts=hosts, excluded=plan.exclude, failure=True)
+        log.warning("supervisor: attempt %d ended in %s; requeueing job %s without %s (%s; "
+                    "slurm.exclude_failed_nodes)", self.attempt, outcome.reason, self.job.job_id, ",".join(hosts),
+                    plan.why)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue signals this job: finish the exclusion first
-        for cmd in exclusion_commands(self.job.job_id, hosts):
+        for cmd in exclusion_commands(self.job.job_id, plan.exclude):
             try:
                 self.run_command(cmd)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A SLURM cluster on this machine, for the real-controller tests (tests/slurm/): the node named
-# after the machine (partition debug) and two one-CPU nodes mc1, mc2 (partition multi), each with
-# a slurmd of its own, so that a job can span two nodes.
+# after the machine (partition debug) and three one-CPU nodes mc1-mc3 (partition multi), each with
+# a slurmd of its own, so that a job can span two nodes and be requeued without one of them.
 #
 #   tests/slurm/cluster.sh start    install the packages if missing, write the config, start
 #                                   munged, slurmctld and slurmd, wait until the node is idle
@@ -34,10 +34,11 @@ CONF=$CONF_DIR/slurm.conf
 GRES=$CONF_DIR/gres.conf
 LOG_DIR=/var/log/slurm
 CTLD_PID=/run/slurmctld.pid
-# Three slurmd on this machine: the node named after it (2 fake GPUs) and two one-CPU nodes
-# mc1, mc2 of a "multi" partition, so that a job can span two nodes (the 2-node tests).
-MULTI_NODES=(mc1 mc2)
+# Four slurmd on this machine: the node named after it (2 fake GPUs) and three one-CPU nodes
+# mc1-mc3 of a "multi" partition: a 2-node job, and a spare to requeue it on without a bad node.
+MULTI_NODES=(mc1 mc2 mc3)
 MUNGE_PID=/run/munge/munged.pid
+CONFIG_CHANGED=0  # set by write_config when it rewrote the config: the daemons must restart
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 say() { echo "cluster: $*" >&2; }
@@ -132,15 +133,15 @@ GresTypes=gpu
 NodeName=$host CPUs=$cpus RealMemory=$mem Gres=gpu:2 State=UNKNOWN
 NodeName=mc1 NodeHostname=$host NodeAddr=127.0.0.1 Port=6821 CPUs=1 RealMemory=$(( mem / 4 )) State=UNKNOWN
 NodeName=mc2 NodeHostname=$host NodeAddr=127.0.0.1 Port=6822 CPUs=1 RealMemory=$(( mem / 4 )) State=UNKNOWN
+NodeName=mc3 NodeHostname=$host NodeAddr=127.0.0.1 Port=6823 CPUs=1 RealMemory=$(( mem / 4 )) State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
-PartitionName=multi Nodes=mc1,mc2 MaxTime=INFINITE State=UP
+PartitionName=multi Nodes=mc1,mc2,mc3 MaxTime=INFINITE State=UP
 EOF
 )
     # Two fake GPUs: one device file each (a Count=2 line without files leaves the node invalid).
     local gres
     gres=$(printf '%s\nNodeName=%s Name=gpu File=/dev/null\nNodeName=%s Name=gpu File=/dev/zero\n' \
         "$MARK" "$host" "$host")
-    CONFIG_CHANGED=0
     if [ "$(cat "$CONF" 2>/dev/null)" != "$new" ] || [ "$(cat "$GRES" 2>/dev/null)" != "$gres" ]; then
         printf '%s\n' "$new" >"$CONF"
         printf '%s\n' "$gres" >"$GRES"

@@ -116,7 +116,11 @@ def held_for_begin_time(job: str) -> bool:
 
 def release_begin_time_hold(job: str, *updates: str) -> None:
     """Start a requeued job now. SLURM holds every requeued job for 120 s (BeginTime): a site's
-    scheduling policy against requeue loops, not maescale's behaviour; the test does not wait it out."""
+    scheduling policy against requeue loops, not maescale's behaviour; the test does not wait it out.
+    It does wait 2 s: the requeue revoked the previous run's job credential on its nodes, and slurmd
+    refuses a credential made in the same second as the revocation ("Job credential revoked";
+    times in whole seconds), so a release within that second would kill the new run at start."""
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", *updates], check=True,
                    capture_output=True, text=True, timeout=60)
 
