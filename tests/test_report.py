@@ -137,8 +137,10 @@ def test_the_check_needs_the_json(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("<!-- /report:comm -->", ""),  # the README's last block
+     r"README.md:\d+: <!-- report:comm --> has no <!-- /report:comm -->"),
     (lambda t: t.replace("<!-- /report:host-overhead -->", ""),
-     r"README.md:\d+: <!-- report:host-overhead --> has no <!-- /report:host-overhead -->"),
+     r"README.md:\d+: <!-- report:comm --> inside block 'host-overhead' \(opened on line \d+\); close it first"),
     (lambda t: t.replace("<!-- /report:soak -->", ""),
      r"README.md:\d+: <!-- report:readme-data --> inside block 'soak'"),
     (lambda t: t + "\n<!-- report:nonesuch -->\nx\n<!-- /report:nonesuch -->\n", r"README.md:\d+: no block 'nonesuch'"),
@@ -159,27 +161,27 @@ def test_marker_mistakes_are_named(tmp_path, capsys, edit, message):
 
 
 def test_a_new_table_is_one_registered_function(tmp_path, monkeypatch):
-    """What another helper does to add a table (e.g. bench/comm.json): register, place the markers, write."""
+    """What another helper does to add a table (here a made-up bench/links.json): register, place the markers, write."""
     root = _copy_repo_docs(tmp_path)
     monkeypatch.setattr(report, "BLOCKS", dict(BLOCKS))
-    (root / "bench/comm.json").write_text(json.dumps({
+    (root / "bench/links.json").write_text(json.dumps({
         "date": "2026-12-07T10:00:00+00:00", "env": {"device_name": "NVIDIA H100", "torch": "2.11.0"},
         "results": [{"op": "all_gather", "gb_per_s": 41.3}]}))
 
-    @block("comm")
-    def _comm(bench: Bench) -> str:
-        doc = bench.json("bench/comm.json")
+    @block("links")
+    def _links(bench: Bench) -> str:
+        doc = bench.json("bench/links.json")
         return report.table(["collective", "GB/s"], "lr", [[r["op"], f"{r['gb_per_s']:.1f}"] for r in doc["results"]])
 
-    with pytest.raises(ReportError, match="comm registered but placed in no doc"):
+    with pytest.raises(ReportError, match="links registered but placed in no doc"):
         check(root)
     scaling = root / "bench/SCALING.md"
-    scaling.write_text(scaling.read_text() + "\n<!-- report:comm -->\n<!-- /report:comm -->\n")
-    assert [d.name for d in check(root)] == ["comm"]
-    assert write(root) == ["bench/SCALING.md: comm"]
+    scaling.write_text(scaling.read_text() + "\n<!-- report:links -->\n<!-- /report:links -->\n")
+    assert [d.name for d in check(root)] == ["links"]
+    assert write(root) == ["bench/SCALING.md: links"]
     text = scaling.read_text()
     assert "| all_gather | 41.3 |" in text
-    assert "*Source: `bench/comm.json`: NVIDIA H100, 2026-12-07, torch 2.11.0." in text
+    assert "*Source: `bench/links.json`: NVIDIA H100, 2026-12-07, torch 2.11.0." in text
     assert check(root) == []
     with pytest.raises(ValueError, match="registered twice"):
-        block("comm")(_comm)
+        block("links")(_links)

@@ -128,18 +128,20 @@ _VERSIONS = (("python", "Python"), ("torch", "torch"), ("torchvision", "torchvis
 def provenance(doc: Any, folder_env: dict | None = None) -> str:
     """Device, date and versions that a benchmark JSON records (``""`` when it records none).
 
-    Looked for in the document's ``env`` / ``machine`` sections, its runs' ``env``, and
+    Looked for in the document's ``env`` / ``machine`` / ``meta`` (and ``versions``) sections, its runs' ``env``, and
     ``folder_env`` (the ``env.json`` beside the file), the document's own values first."""
     env: dict[str, Any] = dict(folder_env or {})
     dates: list[str] = []
     if isinstance(doc, dict):
         runs = doc.get("runs") if isinstance(doc.get("runs"), list) else []
-        for part in [r.get("env") for r in runs if isinstance(r, dict)] + [doc.get("env"), doc.get("machine"), doc]:
+        meta = doc.get("meta") if isinstance(doc.get("meta"), dict) else {}
+        parts = [r.get("env") for r in runs if isinstance(r, dict)] + [
+            doc.get("env"), doc.get("machine"), meta, meta.get("versions"), doc.get("versions"), doc]
+        for part in parts:
             if isinstance(part, dict):
                 env.update({k: v for k, v in part.items() if v is not None and not isinstance(v, (dict, list))})
         dates = [str(r["date"]) for r in runs if isinstance(r, dict) and r.get("date")]
-        if doc.get("date"):
-            dates.append(str(doc["date"]))
+        dates += [str(d["date"]) for d in (doc, meta) if d.get("date")]
     if not dates and env.get("date"):
         dates = [str(env["date"])]
     days = sorted({d[:10] for d in dates})
