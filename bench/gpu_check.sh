@@ -44,7 +44,8 @@
 # COMPILE=0 shrink it
 # (tests/test_gpu_check.py runs it on a CPU with the tiny preset, so the script is proven before a
 # GPU is lent). Needs DeepSpeed, webdataset and submitit (and torchao for the FP8 steps): on the
-# lent GPU machine they come as wheels in .whl/ (../shared/gpu/fetch-wheels.sh), installed first if present.
+# lent GPU machine they come as wheels in .whl/ (bench/fetch_wheels.sh: the shared set plus torchao),
+# installed first if present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
