@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import re
 import socket
 import tempfile
@@ -261,8 +262,17 @@ def barrier(group: object | None = None) -> None:
 
 
 def shutdown() -> None:
-    """Tear down the process group (so the next job in the same process starts clean)."""
-    if dist.is_initialized():
+    """Tear down the process group (so the next job in the same process starts clean).
+
+    Through DeepSpeed when it was used: its ``destroy_process_group`` also drops the groups
+    DeepSpeed caches (a clone of the world group among them), which would otherwise point at the
+    destroyed backend and fail the next engine's start-up in this process."""
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

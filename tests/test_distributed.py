@@ -78,3 +78,21 @@ def test_socket_interface_reaches_nccl_and_gloo_unless_the_site_set_it():
     untouched: dict[str, str] = {}
     set_socket_ifname(None, untouched)
     assert untouched == {}
+
+
+def test_a_second_engine_in_the_same_process_starts_after_shutdown(tmp_path):
+    """shutdown() also drops DeepSpeed's cached groups (a clone of the world group): without it
+    the next engine in this process fails at start-up on a group of the destroyed backend."""
+    from maescale.config import load_config
+    from maescale.distributed import init_distributed, shutdown
+    from maescale.models import build_model
+    from maescale.optim import build_engine
+
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "deepspeed.lean_step=false"])
+    for _ in range(2):
+        ctx = init_distributed("cpu")
+        try:
+            engine = build_engine(cfg, build_model(cfg.model, device=ctx.device), 1, ctx.device).engine
+            engine.destroy()
+        finally:
+            shutdown()
