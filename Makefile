@@ -24,11 +24,13 @@ demo: $(STAMP)
 	$(PY) tools/train.py configs/demo.yaml
 	$(PY) tools/probe.py --history runs/demo
 
+# Two pytest-xdist workers, one per core of the CI machine; the real-SLURM tests share one cluster
+# and run in order on one of them (--dist loadgroup, tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf runs demo_data .pytest_cache

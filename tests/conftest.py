@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests run on CPU; torch uses few threads so two test workers fit 2 cores."""
+"""Shared fixtures and the suite's process setup. Tests run on CPU; torch uses few threads so two test workers fit 2 cores."""
 
 from __future__ import annotations
 
@@ -10,7 +10,21 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under `make test` the suite runs on two pytest-xdist workers (one per core): each worker, and the
+# training processes it starts, then uses one torch thread (two would oversubscribe the cores and
+# every OpenMP barrier would stall).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+os.environ.setdefault("OMP_NUM_THREADS", "1" if XDIST_WORKER else "2")
+if XDIST_WORKER:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The real-SLURM tests share one small cluster: one xdist worker runs them all, in order
+    (``--dist loadgroup``); the other worker takes the rest meanwhile."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(scope="session")

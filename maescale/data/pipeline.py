@@ -36,6 +36,7 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 import time
 from typing import Any, Iterator, Sequence
 
@@ -223,7 +224,14 @@ class TrainLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, **kwargs)
         bpe, w = plan.batches_per_epoch, plan.num_workers
-        iterator = iter(loader)
+        # The workers are forked with SIGTERM blocked: one that slurmstepd sends before a worker's
+        # worker_init has taken over SIGTERM then waits for it instead of killing the worker.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if self.num_workers > 0 else None
+        try:
+            iterator = iter(loader)
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
             for batch, meta in iterator:
                 b = self._batch

@@ -42,6 +42,7 @@ from maescale.data.gpu_decode import EncodedBatchBuilder, prepare_sample
 from maescale.data.plan import TAG_AUG, TAG_SHUFFLE, Plan, seed_of, shuffled
 from maescale.data.sources import is_local, open_url
 from maescale.data.tario import iter_samples
+from maescale.faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -281,12 +282,14 @@ def worker_init(_: int, owner: int | None = None) -> None:
     still exits at once on a SIGTERM from ``owner``, the process that started it (the DataLoader's
     fallback for a worker that does not stop, and multiprocessing's clean-up at exit).
     """
+    fault_point("data.worker_start")  # tests: widen the start-up window in which a signal may come
     torch.set_num_threads(1)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     if owner is None:
         return
-    # A Python handler cannot tell who sent a signal: block SIGTERM and take it with sigwaitinfo,
+    # A Python handler cannot tell who sent a signal: block SIGTERM (the loader forks its workers with
+    # it blocked already, so one sent during start-up waits here) and take it with sigwaitinfo,
     # which says (si_pid), in a thread of its own (created after the block, so it inherits it).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 

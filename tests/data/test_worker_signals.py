@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
@@ -20,17 +21,18 @@ from maescale.data import build_train_loader
 from tests.data.conftest import data_cfg, write_shards
 
 
-def _workers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+def _children() -> set[psutil.Process]:
+    return {p for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
 
 
 def test_workers_ignore_slurms_stop_signals_but_obey_their_owner(shard_dir):
     shards = write_shards(shard_dir, [40, 40])
+    before = _children()  # a test worker's other children (pytest-xdist, earlier fixtures) are not ours
     loader = build_train_loader(data_cfg(shards, num_workers=2), img_size=8, micro_batch_size=4, rank=0,
                                 world_size=1, seed=0)
     it = iter(loader)
     next(it)
-    workers = _workers()
+    workers = sorted(_children() - before, key=lambda p: p.pid)
     assert len(workers) == 2
     # Sent by another process, as slurmstepd does (`kill` is a child of ours, not the loader's owner).
     for sig in ("USR1", "USR2", "TERM"):
@@ -46,3 +48,32 @@ def test_workers_ignore_slurms_stop_signals_but_obey_their_owner(shard_dir):
     loader.close()
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
+
+
+def test_a_stop_signal_while_the_workers_start_waits_for_them(shard_dir, monkeypatch):
+    """slurmstepd's SIGTERM can come before a worker has set up its owner-only handling (here held
+    back 2 s by a fault point at the start of worker_init): the loader forks its workers with SIGTERM
+    blocked, so the signal waits and is then ignored instead of killing the worker."""
+    monkeypatch.setenv("MAESCALE_FAULTS", "data.worker_start=sleep:2")
+    shards = write_shards(shard_dir, [40, 40])
+    before = _children()
+    loader = build_train_loader(data_cfg(shards, num_workers=2), img_size=8, micro_batch_size=4, rank=0,
+                                world_size=1, seed=0)
+    it = iter(loader)
+
+    def stop_them_as_they_start() -> list[psutil.Process]:
+        deadline = time.monotonic() + 30
+        while len(started := _children() - before) < 2:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.01)
+        subprocess.run(["kill", "-TERM", *(str(w.pid) for w in started)], check=True)
+        return list(started)
+
+    with ThreadPoolExecutor(1) as pool:
+        killer = pool.submit(stop_them_as_they_start)
+        next(it)  # in the main thread, as in training (torch's SIGCHLD handler is set up here)
+        workers = killer.result(timeout=60)
+    for _ in range(10):
+        next(it)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    loader.close()

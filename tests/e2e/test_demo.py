@@ -38,7 +38,7 @@ def test_make_demo(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = repo / "runs" / "demo"
     out = proc.stdout
-    assert f"checkpoint:      {run.relative_to(repo)}/checkpoints/step_00001000" in out
+    assert f"checkpoint:      {run.relative_to(repo)}/checkpoints/step_00000500" in out
     assert "tensorboard --logdir runs/demo/tensorboard" in out
     assert "reconstruction:  runs/demo/reconstruction.png" in out
     losses = [v for _, v in tb_scalars(run)["train/loss"]]
@@ -46,7 +46,7 @@ def test_make_demo(tmp_path):
     assert tb_images(run)["reconstruction"]
     png = run / "reconstruction.png"
     assert png.stat().st_size > 10_000
-    assert (run / "checkpoints" / "latest").read_text() == "step_00001000"
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000500"
     # It ends with the kNN accuracy of the trained encoder on the held-out images against the same
     # encoder at initialisation (evaluated at step 0 with the same seed).
     last = out.rstrip().splitlines()[-1]
@@ -54,11 +54,11 @@ def test_make_demo(tmp_path):
     assert m, out[-2000:]
     held_out, trained, init = int(m[1]), float(m[2]), float(m[3])
     assert held_out == 128
-    # Measured on a 2-core CPU (cls features, k=20): trained 0.48 vs 0.31 at init, a margin of 0.17,
-    # identical in two runs (the curve at steps 0, 250, ..., 1000: 0.31 0.42 0.48 0.52 0.48); with
-    # train.seed=1 instead, 0.44 vs 0.26, a margin of 0.18. One held-out image is 0.008 and the
-    # steps of the curve wobble by ~0.04, so the test asserts a margin of about half of that.
+    # Measured on a 2-core CPU (cls features, k=20, 500 steps, 2026-12-07): trained 0.445 vs 0.313 at
+    # init, a margin of 0.13 (the curve at steps 0, 250, 500: 0.31 0.38 0.45); with train.seed=1
+    # instead, 0.375 vs 0.258, a margin of 0.12. One held-out image is 0.008 and the steps of the
+    # curve wobble by ~0.04, so the test asserts a margin of about two thirds of the smaller one.
     assert trained - init >= DEMO_KNN_MARGIN, (trained, init)
     history = json.loads((run / "eval" / "knn.json").read_text())["history"]
-    assert [h["step"] for h in history] == [0, 250, 500, 750, 1000]
-    assert [s for s, _ in tb_scalars(run)["eval/knn_top1"]] == [0, 250, 500, 750, 1000]
+    assert [h["step"] for h in history] == [0, 250, 500]
+    assert [s for s, _ in tb_scalars(run)["eval/knn_top1"]] == [0, 250, 500]
