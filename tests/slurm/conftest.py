@@ -10,6 +10,7 @@ daemons' logs.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,3 +84,13 @@ def _state(job: str) -> str:
     proc = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=60)
     found = re.search(r"JobState=(\S+)", proc.stdout)
     return found.group(1) if found else ""
+
+
+@pytest.fixture(autouse=True)
+def _one_worker(request: pytest.FixtureRequest) -> None:
+    """Under pytest-xdist these tests must all run on one worker (one cluster, jobs timed against each
+    other): ``--dist loadgroup`` marks their ids with the group, and without it they fail here."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not request.node.nodeid.endswith("@slurm"):
+        pytest.fail("the real-SLURM tests are not grouped on one pytest-xdist worker: run with "
+                    "`--dist loadgroup` (make test does) and pytest < 9.2 (pyproject.toml's test extra)",
+                    pytrace=False)

@@ -19,7 +19,7 @@ from tests.slurm.test_real_slurm import (diagnostics, held_for_begin_time, job_i
                                          submitted_job, train_log, wait_until)
 from tests.slurm.test_self_healing import overrides
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one cluster: one xdist worker
 
 
 def test_two_nodes_split_the_data_and_leave_a_failing_node_out(slurm_cluster, slurm_shards, tmp_path, jobs):

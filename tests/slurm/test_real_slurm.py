@@ -41,7 +41,7 @@ import pytest
 from maescale.rundir import RunDir
 from tests.helpers import REPO, TINY, assert_same_weights, clean_env, final_weights, logged_step, run_train
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one cluster: one xdist worker
 
 STEPS = 80
 SLOW_STEPS = {"MAESCALE_FAULTS": "train.after_step=sleep:1.0"}

@@ -31,7 +31,7 @@ from tests.helpers import TINY, assert_same_weights, final_weights, run_train
 from tests.slurm.test_real_slurm import diagnostics, job_info, resource_flags, submit, submitted_job, train_log, \
     wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one cluster: one xdist worker
 
 STEPS = 30
 STALL_S = 20
