@@ -27,7 +27,7 @@ demo: $(STAMP)
 # Two pytest-xdist workers, one per core of the CI machine; the real-SLURM tests share one cluster
 # and run in order on one of them (--dist loadgroup, tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"

@@ -81,16 +81,26 @@ def test_checkpoint_that_validates_but_fails_to_load_falls_back(shards, tmp_path
     assert_same_weights(final_weights(ref), final_weights(out))
 
 
+ZERO2_16 = {"deepspeed.zero_stage": 2, "checkpoint.every_steps": 3}  # the run the torchrun-stop tests interrupt
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(shards, tmp_path_factory) -> dict:
+    """Final weights of that run uninterrupted (2 processes), shared by the three stop tests."""
+    ref = tmp_path_factory.mktemp("zero2_reference")
+    run_train(TINY, base_overrides(shards, ref, 16, **ZERO2_16), nproc=2)
+    return final_weights(ref)
+
+
 @pytest.mark.parametrize("when,sig", [("start-up", signal.SIGTERM), ("training", signal.SIGTERM),
                                       ("training", signal.SIGKILL)])
-def test_stopping_torchrun_leaves_no_rank_and_the_restart_resumes_exactly(shards, tmp_path, when, sig):
+def test_stopping_torchrun_leaves_no_rank_and_the_restart_resumes_exactly(shards, zero2_reference, tmp_path, when,
+                                                                           sig):
     """As a user would: a signal to torchrun (not its workers), then the same command again at once.
     SIGTERM: torchrun forwards it; SIGKILL: the ranks are orphaned and stop by themselves
     (maescale.parent), checkpointing on the way out, while the restart waits for their lock."""
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    overrides = base_overrides(shards, out, 16, **{"deepspeed.zero_stage": 2, "checkpoint.every_steps": 3})
-    run_train(TINY, base_overrides(shards, ref, 16, **{"deepspeed.zero_stage": 2, "checkpoint.every_steps": 3}),
-              nproc=2)
+    out = tmp_path / "run"
+    overrides = base_overrides(shards, out, 16, **ZERO2_16)
     first_log = open(tmp_path / "first.log", "w")  # the ranks inherit it: their stderr outlives torchrun
     launcher = subprocess.Popen([*train_cmd(2), str(TINY), *overrides], cwd=REPO, stdout=first_log,
                                 stderr=subprocess.STDOUT, env=clean_env({"MAESCALE_FAULTS": "train.after_step=sleep:0.1"}),
@@ -114,7 +124,7 @@ def test_stopping_torchrun_leaves_no_rank_and_the_restart_resumes_exactly(shards
     wait_for(first_ranks_gone, what="no rank of the first job left", timeout=30)
     gone_after = time.monotonic() - t_exit
     assert restart.wait(timeout=300) == 0, (tmp_path / "restart.log").read_text()[-3000:]
-    assert_same_weights(final_weights(ref), final_weights(out))
+    assert_same_weights(zero2_reference, final_weights(out))
     print(f"{when}, {signal.Signals(sig).name}: the ranks of the stopped torchrun were gone {gone_after:.1f} s "
           "after it exited")
     if sig == signal.SIGKILL:  # a rank noticed its launcher was gone and the ranks checkpointed and stopped
