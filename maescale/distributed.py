@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import re
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta

@@ -249,11 +249,10 @@ class Supervisor:
     """
 
     def __init__(self, cfg: Any, job: SlurmJob, config_path: Path, requeue: Callable[[Outcome], None],
-                 run_command: Callable[[list[str]], Any] | None = None, query: Query = run_query):
+                 run_command: Callable[[list[str]], Any] = run_query, query: Query = run_query):
         self.cfg, self.job, self.config_path = cfg, job, config_path
         self.requeue, self.query = requeue, query
-        self.run_command = run_command or (lambda cmd: subprocess.run(cmd, check=True, timeout=60,
-                                                                      capture_output=True, text=True))
+        self.run_command = run_command
         self.run = RunDir(cfg.output_dir)
         self.cancelled = False
         self.attempt = 0
